@@ -1,0 +1,124 @@
+"""(IA)^3: a learned per-channel scale.
+
+LyCORIS (`weight` + `on_input`): W'[o] = W[o] * (1 + m*w[o]) (output mode) or
+W'[:, i] = W[:, i] * (1 + m*w[i]) (input mode); the bias is untouched (its rebuild forward).
+PEFT (`ia3_l`, a full multiplicative vector initialised to ones): W' = W * (1 + m*(l - 1)) and,
+for layers that are not feed-forward, the same on the bias, as PEFT's merge does.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .base import Adapter, COMPUTE_DTYPE, channel_view
+
+
+def _axis_view(vector, weight, on_input):
+    if on_input:
+        return vector.reshape([1, -1] + [1] * (weight.dim() - 2))
+    return vector.reshape([-1] + [1] * (weight.dim() - 1))
+
+
+class IA3(Adapter):
+    algo = "ia3"
+    suffixes = ("weight", "on_input")
+    additive = False
+
+    @classmethod
+    def detect(cls, tensors):
+        return "on_input" in tensors and "weight" in tensors
+
+    @property
+    def on_input(self) -> bool:
+        return bool(self.tensors["on_input"].reshape(-1)[0].item()) if self.tensors["on_input"].numel() else False
+
+    def validate(self):
+        self.require("weight")
+
+    def check_weight(self, weight_shape):
+        channels = weight_shape[1] if self.on_input else weight_shape[0]
+        if self.tensors["weight"].numel() != channels:
+            axis = "input" if self.on_input else "output"
+            raise self.error(
+                f"ia3 weight has {self.tensors['weight'].numel()} entries, the layer has {channels} {axis} channels "
+                f"(weight {list(weight_shape)})",
+                "weight",
+            )
+
+    def factor(self, strength):
+        return 1 + strength * self.t("weight").reshape(-1)
+
+    def patch(self, weight, strength=1.0, bias=None):
+        self.check_weight(weight.shape)
+        w = weight.to(COMPUTE_DTYPE)
+        w_new = w * _axis_view(self.factor(strength), w, self.on_input)
+        return w_new, None if bias is None else bias.to(COMPUTE_DTYPE)
+
+    def bypass_needs_weight(self):
+        return self.on_input
+
+    def bypass(self, x, y, weight, bias, geometry, strength=1.0):
+        factor = self.factor(strength).to(x.dtype)
+        if self.on_input:
+            # y' = f(x * g): run the layer again on the scaled input
+            if weight is None:
+                raise self.error("ia3 on_input in bypass mode needs the layer's weight")
+            return geometry.apply(x * channel_view(factor, x, geometry.linear), weight.to(x.dtype),
+                                  None if bias is None else bias.to(x.dtype))
+        view = channel_view(factor, y, geometry.linear)
+        if bias is None:
+            return y * view
+        b = channel_view(bias.to(y.dtype), y, geometry.linear)
+        return (y - b) * view + b
+
+
+class PeftIA3(Adapter):
+    algo = "ia3"
+    suffixes = ("ia3_l",)
+    additive = False
+
+    @classmethod
+    def detect(cls, tensors):
+        return "ia3_l" in tensors
+
+    def validate(self):
+        self.require("ia3_l")
+
+    def feedforward(self, weight_shape) -> bool:
+        """Input-side scale? Told by the singleton axis, else by the config's feedforward_modules."""
+        vector = self.tensors["ia3_l"]
+        if vector.dim() == 2 and len(weight_shape) == 2 and weight_shape[0] != weight_shape[1]:
+            return vector.shape[0] == 1 and vector.shape[1] == weight_shape[1]
+        return self.feedforward_in_config()
+
+    def feedforward_in_config(self) -> bool:
+        config = self.context.peft_config or {}
+        modules = config.get("feedforward_modules") or []
+        path = self.name.split("base_model.model.", 1)[-1]
+        if isinstance(modules, str):
+            return re.fullmatch(modules, path) is not None
+        return any(path == m or path.endswith("." + m) for m in modules)
+
+    def patch(self, weight, strength=1.0, bias=None):
+        w = weight.to(COMPUTE_DTYPE)
+        ff = self.feedforward(weight.shape)
+        channels = weight.shape[1] if ff else weight.shape[0]
+        if self.tensors["ia3_l"].numel() != channels:
+            raise self.error(f"ia3_l has {self.tensors['ia3_l'].numel()} entries, the layer has {channels} "
+                             f"{'input' if ff else 'output'} channels (weight {list(weight.shape)})", "ia3_l")
+        w_new = w * _axis_view(self.factor(strength), w, ff)
+        return w_new, self.patch_bias(bias, strength, ff)
+
+    def factor(self, strength):
+        return 1 + strength * (self.t("ia3_l").reshape(-1) - 1)
+
+    def changes_bias(self):
+        return True
+
+    def patch_bias(self, bias, strength=1.0, feedforward=None):
+        if bias is None:
+            return None
+        if feedforward is None:
+            feedforward = self.tensors["ia3_l"].numel() != bias.numel() or self.feedforward_in_config()
+        b = bias.to(COMPUTE_DTYPE)
+        return b if feedforward else b * self.factor(strength)

@@ -1,0 +1,124 @@
+"""LoKr (LyCORIS `algo=lokr`, PEFT LoKr): Kronecker product dW = w1 (x) W2.
+
+w1 is `lokr_w1` or `lokr_w1_a @ lokr_w1_b`; W2 is `lokr_w2`, `lokr_w2_a @ lokr_w2_b`, or Tucker
+`lokr_t2 x1 lokr_w2_a x2 lokr_w2_b`. The rank is read from a `_b` factor (not `w2_a`, which is
+(r, b) in the Tucker layout).
+
+Scale, as the trainer computed it:
+- something decomposed: gamma = alpha / rank;
+- both factors full: LyCORIS trains with gamma = alpha_file / lora_dim, where it stores
+  alpha = lora_dim, so gamma = 1 unless metadata (`ss_network_dim`, `conv_dim`) says
+  otherwise (rs-LoRA full-matrix files); PEFT trains with alpha / r from its config.
+Strength is linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Adapter, flat
+
+
+class LoKr(Adapter):
+    algo = "lokr"
+    suffixes = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2")
+
+    @classmethod
+    def detect(cls, tensors):
+        return "lokr_w1" in tensors or "lokr_w1_a" in tensors
+
+    def validate(self):
+        if "lokr_w1" not in self.tensors:
+            a, b = self.require("lokr_w1_a", (2,)), self.require("lokr_w1_b", (2,))
+            if a.shape[1] != b.shape[0]:
+                raise self.error(f"lokr_w1_a {list(a.shape)} and lokr_w1_b {list(b.shape)} disagree on the rank", "lokr_w1_a")
+        if "lokr_w2" not in self.tensors:
+            a, b = self.require("lokr_w2_a"), self.require("lokr_w2_b")
+            t2 = self.tensors.get("lokr_t2")
+            if t2 is not None:
+                if t2.shape[0] != a.shape[0] or t2.shape[1] != b.shape[0]:
+                    raise self.error(
+                        f"lokr_t2 {list(t2.shape)} does not fit lokr_w2_a {list(a.shape)} and lokr_w2_b {list(b.shape)}",
+                        "lokr_t2",
+                    )
+            elif a.shape[1] != b.shape[0]:
+                raise self.error(f"lokr_w2_a {list(a.shape)} and lokr_w2_b {list(b.shape)} disagree on the rank", "lokr_w2_a")
+
+    @property
+    def decomposed(self) -> bool:
+        return "lokr_w1" not in self.tensors or "lokr_w2" not in self.tensors
+
+    @property
+    def rank(self):
+        for key in ("lokr_w1_b", "lokr_w2_b"):
+            if key in self.tensors:
+                return int(self.tensors[key].shape[0])
+        return None
+
+    @property
+    def scale(self):
+        if self.scale_override is not None or self.decomposed:
+            return super().scale
+        # Both factors full: LyCORIS forced alpha = lora_dim while training.
+        alpha = self.alpha
+        dim = None
+        if self.context.convention == "lycoris" and alpha is not None:
+            conv = self.tensors["lokr_w2"].dim() > 2 and any(s > 1 for s in self.tensors["lokr_w2"].shape[2:])
+            dim = self.context.int_arg("conv_dim") if conv else None
+            dim = dim or self.context.int_arg("ss_network_dim")
+        base = alpha / dim if dim else 1.0
+        scalar = self.tensors.get("scalar")
+        if scalar is not None and scalar.numel() == 1:
+            base *= float(scalar.float().reshape(-1)[0])
+        return base
+
+    def w1(self):
+        w1 = self.t("lokr_w1")
+        return w1 if w1 is not None else self.t("lokr_w1_a") @ self.t("lokr_w1_b")
+
+    def w2(self, kernel=()):
+        """The large factor (b, d, *kernel); `kernel` comes from the weight when w2 is flattened."""
+        w2 = self.t("lokr_w2")
+        if w2 is not None:
+            return w2
+        a, b, t2 = self.t("lokr_w2_a"), self.t("lokr_w2_b"), self.t("lokr_t2")
+        if t2 is not None:
+            return torch.einsum("ij...,ip,jr->pr...", t2, a, flat(b))
+        w2 = a @ flat(b)
+        if kernel:
+            w2 = w2.reshape(w2.shape[0], -1, *kernel)
+        return w2
+
+    def expected_shape(self):
+        w1 = self.tensors.get("lokr_w1")
+        a = w1.shape if w1 is not None else (self.tensors["lokr_w1_a"].shape[0], self.tensors["lokr_w1_b"].shape[1])
+        if "lokr_w2" in self.tensors:
+            b = self.tensors["lokr_w2"].shape
+            return (a[0] * b[0], a[1] * b[1]) + tuple(b[2:])
+        if "lokr_t2" in self.tensors:
+            t2 = self.tensors["lokr_t2"]
+            rows, cols = self.tensors["lokr_w2_a"].shape[1], self.tensors["lokr_w2_b"].shape[1]
+            return (a[0] * rows, a[1] * cols) + tuple(t2.shape[2:])
+        rows, cols = self.tensors["lokr_w2_a"].shape[0], self.tensors["lokr_w2_b"].shape[1]
+        return (a[0] * rows, a[1] * cols)
+
+    def delta(self, weight):
+        w1 = self.w1()
+        w2 = self.w2(tuple(weight.shape[2:]))
+        if w2.dim() > 2 or weight.dim() > 2:
+            w2 = w2.reshape(w2.shape[0], -1, *weight.shape[2:]) if w2.dim() == 2 else w2
+            w1 = w1.reshape(w1.shape + (1,) * (w2.dim() - 2))
+        d = torch.kron(w1.contiguous(), w2.contiguous())
+        return d.reshape(weight.shape) * self.scale
+
+    def bypass(self, x, y, weight, bias, geometry, strength=1.0):
+        if "dora_scale" in self.tensors or not geometry.linear:
+            return super().bypass(x, y, weight, bias, geometry, strength)
+        # Kronecker identity: (w1 (x) W2) x  ==  vec(w1 . X . W2^T) with x viewed as (c, d).
+        w1 = self.w1().to(x.dtype)
+        w2 = self.w2().to(x.dtype)
+        c, d = w1.shape[1], w2.shape[1]
+        z = F.linear(x.reshape(*x.shape[:-1], c, d), flat(w2))  # (..., c, b)
+        out = torch.matmul(w1, z)  # (..., a, b)
+        return y + (strength * self.scale) * out.reshape(*x.shape[:-1], -1)

@@ -1,0 +1,102 @@
+"""LoRA / LoCon (kohya, LyCORIS, PEFT, diffusers), incl. Tucker `lora_mid`, DyLoRA and
+extraction files with a sparse weight residual (`bias_indices`/`bias_values`/`bias_size`).
+
+dW = up @ down (flattened), Tucker: up x1 mid x2 down; gamma = alpha / rank.
+Strength is linear: W' = W + m * gamma * dW (DoRA: see base.weight_decompose).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Adapter, channel_view, flat
+
+UP, DOWN, MID = "lora_up.weight", "lora_down.weight", "lora_mid.weight"
+
+
+class LoRA(Adapter):
+    algo = "lora"
+    suffixes = (UP, DOWN, MID, "lora_up.bias", "lora_magnitude_vector", "bias_indices", "bias_values", "bias_size")
+
+    @classmethod
+    def detect(cls, tensors):
+        return UP in tensors and DOWN in tensors
+
+    def validate(self):
+        up = self.require(UP, (2, 3, 4, 5))
+        down = self.require(DOWN, (2, 3, 4, 5))
+        mid = self.tensors.get(MID)
+        rank = down.shape[0]
+        if up.shape[1] != rank:
+            raise self.error(f"lora_up has rank {up.shape[1]} but lora_down has rank {rank}", UP)
+        if mid is not None and (mid.dim() < 3 or mid.shape[0] != rank or mid.shape[1] != rank):
+            raise self.error(f"expected lora_mid of shape [{rank}, {rank}, kh, kw], found {list(mid.shape)}", MID)
+
+    @property
+    def rank(self):
+        return int(self.tensors[DOWN].shape[0])
+
+    def expected_shape(self):
+        up, down, mid = self.tensors[UP], self.tensors[DOWN], self.tensors.get(MID)
+        if mid is not None:
+            return (up.shape[0], down.shape[1]) + tuple(mid.shape[2:])
+        if down.dim() == 2 and up.dim() <= 2:
+            return (up.shape[0], down.shape[1])
+        if down.dim() > 2:
+            return (up.shape[0],) + tuple(down.shape[1:])
+        return None
+
+    def delta(self, weight):
+        up, down, mid = self.t(UP), self.t(DOWN), self.t(MID)
+        if mid is None:
+            d = flat(up) @ flat(down)
+        else:
+            d = torch.einsum("ij...,oi,jk->ok...", mid, flat(up), flat(down))
+        d = d.reshape(weight.shape)
+        residual = self.sparse_residual(weight.shape)
+        if residual is not None:
+            d = d + residual
+        return d * self.scale
+
+    def sparse_residual(self, shape):
+        """Extraction tools' `bias_*` keys: a sparse residual of the weight delta, not a layer bias."""
+        indices = self.tensors.get("bias_indices")
+        if indices is None:
+            return None
+        values = self.t("bias_values")
+        size = [int(s) for s in self.tensors["bias_size"].reshape(-1).tolist()]
+        dense = torch.sparse_coo_tensor(indices.long(), values, size).to_dense()
+        return dense.reshape(shape)
+
+    def changes_bias(self):
+        return "lora_up.bias" in self.tensors
+
+    def bias_delta(self, bias):
+        # PEFT lora_bias=True: b' = b + s * lora_B.bias
+        extra = self.t("lora_up.bias")
+        return None if extra is None else extra * self.scale
+
+    def bypass(self, x, y, weight, bias, geometry, strength=1.0):
+        if any(k in self.tensors for k in ("dora_scale", "lora_magnitude_vector", "bias_indices")):
+            return super().bypass(x, y, weight, bias, geometry, strength)
+        up, down, mid = (None if t is None else t.to(x.dtype) for t in (self.t(UP), self.t(DOWN), self.t(MID)))
+        if geometry.linear:
+            out = F.linear(F.linear(x, flat(down)), flat(up))
+        elif geometry.groups != 1:
+            return super().bypass(x, y, weight, bias, geometry, strength)
+        else:
+            # down carries the kernel (or mid does, Tucker); up is always 1x1
+            kernel_dims = (1,) * geometry.conv_dims
+            up = up.reshape(up.shape[:2] + kernel_dims)
+            if mid is None:
+                down = down if down.dim() > 2 else down.reshape(down.shape + kernel_dims)
+                h = geometry.apply(x, down)
+            else:
+                h = geometry.apply(x, down.reshape(down.shape[:2] + kernel_dims), plain=True)
+                h = geometry.apply(h, mid)
+            out = geometry.apply(h, up, plain=True)
+        extra = self.t("lora_up.bias")
+        if extra is not None:
+            out = out + channel_view(extra.to(x.dtype), out, geometry.linear)
+        return y + (strength * self.scale) * out

@@ -1,0 +1,77 @@
+"""T-LoRA (lycoris-lora 4.x `algo=tlora`), decoded as a static LoRA (no timestep mask).
+
+dW = P diag(lambda) Q - P0 diag(lambda0) Q0, where (P0, lambda0, Q0) is the module's initial
+state: the top-r SVD triplets of the base weight (`sig_type="principal"`, the default). It is
+not saved, so it is rebuilt from the base weight being patched; the product is sign-invariant,
+so this is exact when the base weight is the one the adapter was trained on. Files that carry
+`base_q`/`base_p`/`base_lambda` use those instead. gamma = alpha / r; strength is linear.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Adapter, COMPUTE_DTYPE, flat
+
+
+class TLoRA(Adapter):
+    delta_uses_weight = True
+    algo = "tlora"
+    suffixes = ("q_layer.weight", "p_layer.weight", "lambda_layer", "base_q", "base_p", "base_lambda")
+
+    @classmethod
+    def detect(cls, tensors):
+        return "lambda_layer" in tensors and "q_layer.weight" in tensors and "p_layer.weight" in tensors
+
+    def validate(self):
+        q, p, lam = self.require("q_layer.weight"), self.require("p_layer.weight"), self.require("lambda_layer")
+        r = q.shape[0]
+        if p.shape[1] != r or lam.numel() != r:
+            raise self.error(f"q_layer {list(q.shape)}, p_layer {list(p.shape)} and lambda_layer "
+                             f"{list(lam.shape)} disagree on the rank", "lambda_layer")
+
+    @property
+    def rank(self):
+        return int(self.tensors["q_layer.weight"].shape[0])
+
+    def expected_shape(self):
+        q, p = self.tensors["q_layer.weight"], self.tensors["p_layer.weight"]
+        return (p.shape[0], q.shape[1])
+
+    def check_weight(self, weight_shape):
+        expected = self.expected_shape()
+        if weight_shape[0] != expected[0] or weight_shape[1] != expected[1]:
+            super().check_weight(weight_shape)
+
+    def initial_state(self, weight):
+        if "base_q" in self.tensors:
+            return flat(self.t("base_p")), self.t("base_lambda").reshape(-1), flat(self.t("base_q"))
+        r = self.rank
+        sig_type = str(self.context.network_args.get("sig_type", "principal"))
+        u, s, vh = torch.linalg.svd(flat(weight.to(COMPUTE_DTYPE)), full_matrices=False)
+        if sig_type == "last":
+            pick = slice(s.shape[0] - r, s.shape[0])
+        elif sig_type == "middle":
+            start = (s.shape[0] - r) // 2
+            pick = slice(start, start + r)
+        else:
+            pick = slice(0, r)
+        p0, s0, q0 = u[:, pick], s[pick], vh[pick]
+        if q0.shape[0] < r:  # rank above the available singular values: zero padding as the trainer does
+            pad = r - q0.shape[0]
+            q0 = torch.nn.functional.pad(q0, (0, 0, 0, pad))
+            p0 = torch.nn.functional.pad(p0, (0, pad))
+            s0 = torch.nn.functional.pad(s0, (0, pad), value=1e-6)
+        if weight.dim() > 2:  # the trainer keeps only the first in_channels columns for convs
+            q0 = q0[:, : weight.shape[1]]
+        return p0, s0, q0
+
+    def delta(self, weight):
+        p, lam, q = flat(self.t("p_layer.weight")), self.t("lambda_layer").reshape(-1), flat(self.t("q_layer.weight"))
+        p0, lam0, q0 = self.initial_state(weight)
+        d = (p * lam) @ q - (p0 * lam0) @ q0
+        if weight.dim() > 2:  # 1x1 factors; the trainer pads the delta into the kernel's corner
+            full = torch.zeros(weight.shape, dtype=d.dtype)
+            full[(slice(None), slice(None)) + (0,) * (weight.dim() - 2)] = d
+            return full * self.scale
+        return d.reshape(weight.shape) * self.scale

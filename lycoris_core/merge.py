@@ -1,0 +1,135 @@
+"""Bake adapters into weights: in memory (state dicts) or streamed file to file.
+
+Each layer is patched in fp32 by every adapter in turn, checked for NaN/Inf and cast once.
+The streamed path holds one layer at a time, so merging into a multi-GB checkpoint needs
+about one layer of extra memory, and its output appears atomically or not at all.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from .errors import AdapterFormatError
+from .matching import Coverage, match_generic
+from .reader import AdapterFile
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+Patches = dict[str, list[tuple[object, float, str]]]  # weight key -> [(adapter, strength, source)]
+
+
+def plan(adapters: Iterable[tuple[AdapterFile, float]], model_keys) -> tuple[Patches, list[Coverage]]:
+    """Which adapter patches which weight, in the order given, plus a coverage per file."""
+    keys = list(model_keys)
+    patches: Patches = {}
+    coverages = []
+    for adapter_file, strength in adapters:
+        coverage = match_generic(adapter_file, keys)
+        coverages.append(coverage)
+        for module, weight_key in coverage.matched.items():
+            patches.setdefault(weight_key, []).append((adapter_file.adapters[module], float(strength), coverage))
+    return patches, coverages
+
+
+def patch_layer(weight_key: str, weight, bias, layer_patches):
+    """Apply `layer_patches` to one layer in fp32. A patch whose shape does not fit is skipped
+    and reported on its file's coverage; the layer keeps the other patches."""
+    w = weight.to(torch.float32)
+    b = None if bias is None else bias.to(torch.float32)
+    applied = False
+    for adapter, strength, coverage in layer_patches:
+        try:
+            w_new, b_new = adapter.patch(w, strength, b)
+        except AdapterFormatError as error:
+            coverage.problems.append(str(error))
+            coverage.matched.pop(adapter.name, None)
+            continue
+        except (RuntimeError, ValueError, IndexError) as error:  # factors that do not fit this layer
+            coverage.problems.append(str(adapter.error(f"cannot patch {weight_key} {list(weight.shape)}: {error}")))
+            coverage.matched.pop(adapter.name, None)
+            continue
+        if not bool(torch.isfinite(w_new).all()) or (b_new is not None and not bool(torch.isfinite(b_new).all())):
+            raise adapter.error(f"patching {weight_key} gives NaN or Inf values; nothing was written")
+        w, b, applied = w_new, (b_new if b_new is not None else b), True
+    return w, b, applied
+
+
+def _bias_key(weight_key: str) -> str:
+    return weight_key[: -len("weight")] + "bias"
+
+
+def _cast(tensor: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is not None and like.is_floating_point():
+        return tensor.to(dtype)
+    return tensor.to(like.dtype)
+
+
+def merge_into_state_dict(state_dict: dict, adapters, dtype: torch.dtype | None = None):
+    """(new state dict, coverages). The input dict and its tensors are never modified; untouched
+    tensors are shared, or cast when `dtype` is given."""
+    patches, coverages = plan(adapters, state_dict.keys())
+    merged = {}
+    for key, tensor in state_dict.items():
+        merged[key] = _cast(tensor, tensor, dtype) if dtype is not None else tensor
+    for weight_key, layer_patches in patches.items():
+        bias_key = _bias_key(weight_key)
+        weight, bias = state_dict[weight_key], state_dict.get(bias_key)
+        w, b, applied = patch_layer(weight_key, weight, bias, layer_patches)
+        if not applied:
+            continue
+        merged[weight_key] = _cast(w, weight, dtype)
+        if bias is not None:
+            merged[bias_key] = _cast(b, bias, dtype)
+    return merged, coverages
+
+
+def merge_files(base_path, adapters, out_path, dtype: torch.dtype | None = None,
+                progress: Callable[[int, int], None] | None = None) -> list[Coverage]:
+    """Stream `base_path` to `out_path` with `adapters` ([(AdapterFile, strength)]) baked in."""
+    from .safe_io import SafetensorsReader, write_tensors_streamed
+
+    with SafetensorsReader(base_path) as reader:
+        keys = reader.keys()
+        patches, coverages = plan(adapters, keys)
+        for coverage in coverages:
+            if not coverage.matched:
+                raise AdapterFormatError(
+                    f"no module of {coverage.source} matches a layer of this model "
+                    f"(first module: {next(iter(coverage.unmatched), '-')}); nothing was written",
+                    path=base_path,
+                )
+        key_set = set(keys)
+        layer_of = {k: k for k in patches}
+        layer_of.update({_bias_key(k): k for k in patches if _bias_key(k) in key_set})
+        out_dtypes = {}
+        for key in keys:
+            stored = reader.dtype(key)
+            out_dtypes[key] = dtype if dtype is not None and stored.is_floating_point else stored
+        specs = [(key, out_dtypes[key], reader.shape(key)) for key in keys]
+        pending: dict[str, torch.Tensor] = {}
+        done = [0]
+
+        def produce(key: str) -> torch.Tensor:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], len(keys))
+            if key in pending:
+                return pending.pop(key).to(out_dtypes[key])
+            layer = layer_of.get(key)
+            if layer is None:
+                return reader.tensor(key).to(out_dtypes[key])
+            # weight and bias of a patched layer are computed together; the later one waits in `pending`
+            weight, bias_key = reader.tensor(layer), _bias_key(layer)
+            bias = reader.tensor(bias_key) if bias_key in key_set else None
+            w, b, applied = patch_layer(layer, weight, bias, patches[layer])
+            results = {layer: w if applied else weight}
+            if bias is not None:
+                results[bias_key] = b if applied else bias
+            value = results.pop(key)
+            pending.update(results)
+            return value.to(out_dtypes[key])
+
+        write_tensors_streamed(out_path, specs, produce, metadata=reader.metadata)
+    return coverages

@@ -1,0 +1,89 @@
+"""Load LyCORIS: a drop-in for ComfyUI's LoraLoader that reads every LyCORIS format and says what
+it did (same input names, so a workflow can swap the nodes)."""
+
+from __future__ import annotations
+
+import folder_paths
+
+from ..lycoris_core import AdapterFormatError
+from .cache import load_cached
+from .patching import apply_adapter_file
+
+CATEGORY = "loaders/lycoris"
+MODES = ["merge", "bypass"]
+
+STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
+
+
+def _adapter_path(name: str) -> str:
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise ValueError(f"LyCORIS file '{name}' is not in the loras folders ({', '.join(folder_paths.get_folder_paths('loras'))})")
+    return path
+
+
+def load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mode):
+    if mode not in MODES:
+        raise ValueError(f"unknown mode '{mode}'; expected one of {', '.join(MODES)}")
+    path = _adapter_path(lycoris_name)
+    try:
+        adapter_file = load_cached(path)
+        new_model, new_clip, report = apply_adapter_file(model, clip, adapter_file, strength_model, strength_clip, mode)
+    except AdapterFormatError as error:
+        raise ValueError(f"Load LyCORIS: {error}") from None
+    strengths = f"mode {mode}, strength_model {strength_model:g}" + (
+        f", strength_clip {strength_clip:g}" if clip is not None else "")
+    text = report.text(adapter_file, strengths)
+    print(text)
+    return new_model, new_clip, text
+
+
+class LycorisLoader:
+    DESCRIPTION = ("Loads a LoRA or any LyCORIS adapter (LoCon, LoHa, LoKr, IA3, OFT, BOFT, GLoRA, Full, Norm, "
+                   "DoRA, DyLoRA) exactly as its trainer computed it, and reports which layers it changed.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
+    RETURN_NAMES = ("MODEL", "CLIP", "report")
+    OUTPUT_TOOLTIPS = (
+        "The diffusion model with the adapter applied.",
+        "The text encoder(s) with the adapter applied.",
+        "Coverage report: modules matched / unmatched, keys not understood, algorithms and ranks.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model to apply the adapter to."}),
+            "clip": ("CLIP", {"tooltip": "The text encoder(s) to apply the adapter to."}),
+            "lycoris_name": (folder_paths.get_filename_list("loras"),
+                             {"tooltip": "The adapter file, from the loras folders (.safetensors)."}),
+            "strength_model": ("FLOAT", dict(STRENGTH, tooltip="How strongly to change the diffusion model; "
+                                             "negative values invert additive adapters, 0 leaves it untouched.")),
+            "strength_clip": ("FLOAT", dict(STRENGTH, tooltip="How strongly to change the text encoder(s); "
+                                            "0 leaves them untouched.")),
+            "mode": (MODES, {"default": "merge", "tooltip": "merge: ComfyUI patches the weights when it loads "
+                             "the model (exact, no per-step cost). bypass: the adapter runs beside each layer and "
+                             "the base weights are never changed (for fp8/GGUF/quantized models)."}),
+        }}
+
+    def load(self, model, clip, lycoris_name, strength_model, strength_clip, mode="merge"):
+        return load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mode)
+
+
+class LycorisLoaderModelOnly:
+    DESCRIPTION = "Load LyCORIS for the diffusion model only (text-encoder modules in the file are skipped)."
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("MODEL", "report")
+    OUTPUT_TOOLTIPS = ("The diffusion model with the adapter applied.", "Coverage report.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        types = LycorisLoader.INPUT_TYPES()["required"]
+        return {"required": {k: types[k] for k in ("model", "lycoris_name", "strength_model", "mode")}}
+
+    def load(self, model, lycoris_name, strength_model, mode="merge"):
+        new_model, _, text = load_and_apply(model, None, lycoris_name, strength_model, 0.0, mode)
+        return new_model, text
