@@ -3,7 +3,7 @@
 Builds a synthetic model with the layer shapes of SDXL's 1280-channel transformer blocks and
 resnets (random weights), trains nothing: wraps it with lycoris-lora for LoRA, LoHa and LoKr,
 randomises and saves the adapter, then times, from the same file into the same base weights,
-  ours:      load_adapter_file + merge_into_state_dict
+  ours:      load_adapter_file + merge_into_state_dict(inplace=True) on a copy
   reference: create_lycoris_from_weights + apply_to + merge_to  (lycoris-lora's own merge)
 and prints the ratio. Median of --repeats runs each.
 
@@ -82,9 +82,11 @@ def make_adapter(model: nn.Module, algo: str, path: str) -> None:
 
 
 def time_ours(state_dict, path) -> float:
+    # like the reference (which merges into a model copy made before its timer), merge into a copy
+    target = {k: v.clone() for k, v in state_dict.items()}
     start = time.perf_counter()
     adapter_file = load_adapter_file(path)
-    merged, coverages = merge_into_state_dict(state_dict, [(adapter_file, 1.0)])
+    merged, coverages = merge_into_state_dict(target, [(adapter_file, 1.0)], inplace=True)
     elapsed = time.perf_counter() - start
     assert coverages[0].matched and not coverages[0].unmatched, coverages[0].lines()
     del merged

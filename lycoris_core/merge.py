@@ -7,6 +7,7 @@ about one layer of extra memory, and its output appears atomically or not at all
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import torch
@@ -33,15 +34,16 @@ def plan(adapters: Iterable[tuple[AdapterFile, float]], model_keys) -> tuple[Pat
     return patches, coverages
 
 
-def patch_layer(weight_key: str, weight, bias, layer_patches):
+def patch_layer(weight_key: str, weight, bias, layer_patches, inplace: bool = False):
     """Apply `layer_patches` to one layer in fp32. A patch whose shape does not fit is skipped
-    and reported on its file's coverage; the layer keeps the other patches."""
+    and reported on its file's coverage; the layer keeps the other patches. `inplace`: the
+    caller owns `weight`, which may be overwritten."""
     w = weight.to(torch.float32)
     b = None if bias is None else bias.to(torch.float32)
     applied = False
     for adapter, strength, coverage in layer_patches:
         try:
-            w_new, b_new = adapter.patch(w, strength, b)
+            w_new, b_new = adapter.patch(w, strength, b, inplace=inplace or applied)
         except AdapterFormatError as error:
             coverage.problems.append(str(error))
             coverage.matched.pop(adapter.name, None)
@@ -50,10 +52,15 @@ def patch_layer(weight_key: str, weight, bias, layer_patches):
             coverage.problems.append(str(adapter.error(f"cannot patch {weight_key} {list(weight.shape)}: {error}")))
             coverage.matched.pop(adapter.name, None)
             continue
-        if not bool(torch.isfinite(w_new).all()) or (b_new is not None and not bool(torch.isfinite(b_new).all())):
+        if not _finite(w_new) or (b_new is not None and not _finite(b_new)):
             raise adapter.error(f"patching {weight_key} gives NaN or Inf values; nothing was written")
         w, b, applied = w_new, (b_new if b_new is not None else b), True
     return w, b, applied
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """No NaN/Inf anywhere: any of them makes the sum non-finite (one reduction, no bool copy)."""
+    return math.isfinite(float(tensor.sum()))
 
 
 def _bias_key(weight_key: str) -> str:
@@ -66,9 +73,10 @@ def _cast(tensor: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None) -
     return tensor.to(like.dtype)
 
 
-def merge_into_state_dict(state_dict: dict, adapters, dtype: torch.dtype | None = None):
-    """(new state dict, coverages). The input dict and its tensors are never modified; untouched
-    tensors are shared, or cast when `dtype` is given."""
+def merge_into_state_dict(state_dict: dict, adapters, dtype: torch.dtype | None = None, inplace: bool = False):
+    """(new state dict, coverages). The input dict and its tensors are never modified unless
+    `inplace` (the caller owns the tensors); untouched tensors are shared, or cast when `dtype`
+    is given."""
     patches, coverages = plan(adapters, state_dict.keys())
     merged = {}
     for key, tensor in state_dict.items():
@@ -76,7 +84,7 @@ def merge_into_state_dict(state_dict: dict, adapters, dtype: torch.dtype | None 
     for weight_key, layer_patches in patches.items():
         bias_key = _bias_key(weight_key)
         weight, bias = state_dict[weight_key], state_dict.get(bias_key)
-        w, b, applied = patch_layer(weight_key, weight, bias, layer_patches)
+        w, b, applied = patch_layer(weight_key, weight, bias, layer_patches, inplace)
         if not applied:
             continue
         merged[weight_key] = _cast(w, weight, dtype)
@@ -123,7 +131,7 @@ def merge_files(base_path, adapters, out_path, dtype: torch.dtype | None = None,
             # weight and bias of a patched layer are computed together; the later one waits in `pending`
             weight, bias_key = reader.tensor(layer), _bias_key(layer)
             bias = reader.tensor(bias_key) if bias_key in key_set else None
-            w, b, applied = patch_layer(layer, weight, bias, patches[layer])
+            w, b, applied = patch_layer(layer, weight, bias, patches[layer], inplace=True)
             results = {layer: w if applied else weight}
             if bias is not None:
                 results[bias_key] = b if applied else bias

@@ -209,23 +209,31 @@ class Adapter:
     def bias_delta(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         return None
 
-    def patch(self, weight: torch.Tensor, strength: float = 1.0, bias: torch.Tensor | None = None):
+    def patch(self, weight: torch.Tensor, strength: float = 1.0, bias: torch.Tensor | None = None,
+              inplace: bool = False):
         """(patched weight, patched bias) in fp32 for the base `weight` and `strength`.
 
         Additive families: W' = W + m * gamma * dW. With DoRA the magnitude correction follows
-        the trainer's multiplier rule (see `weight_decompose`).
+        the trainer's multiplier rule (see `weight_decompose`). `inplace=True` lets an fp32
+        `weight` be overwritten (callers that own a copy save a full-size allocation).
         """
         self.check_weight(weight.shape)
         w = weight.to(COMPUTE_DTYPE)
+        if not self.has_dora:
+            own = inplace or w.data_ptr() != weight.data_ptr()  # a converted copy is ours anyway
+            return self.add_delta(w, strength, own), self.patch_bias(bias, strength)
         d = self.delta(w)
         magnitude = self.tensors.get("dora_scale")
         if magnitude is not None:
             w_new = weight_decompose(w, d, magnitude.to(COMPUTE_DTYPE), strength, self)
-        elif "lora_magnitude_vector" in self.tensors:
-            w_new = peft_dora(w, d, self.t("lora_magnitude_vector"), strength)
         else:
-            w_new = w + strength * d
+            w_new = peft_dora(w, d, self.t("lora_magnitude_vector"), strength)
         return w_new, self.patch_bias(bias, strength)
+
+    def add_delta(self, w: torch.Tensor, factor: float, inplace: bool = False) -> torch.Tensor:
+        """w + factor * gamma * dW in fp32, into `w` itself when `inplace`."""
+        d = self.delta(w)
+        return w.add_(d, alpha=factor) if inplace else torch.add(w, d, alpha=factor)
 
     def patch_bias(self, bias: torch.Tensor | None, strength: float = 1.0) -> torch.Tensor | None:
         """The layer's bias after patching, in fp32 (None when the layer has none)."""

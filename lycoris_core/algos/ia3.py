@@ -48,7 +48,7 @@ class IA3(Adapter):
     def factor(self, strength):
         return 1 + strength * self.t("weight").reshape(-1)
 
-    def patch(self, weight, strength=1.0, bias=None):
+    def patch(self, weight, strength=1.0, bias=None, inplace=False):
         self.check_weight(weight.shape)
         w = weight.to(COMPUTE_DTYPE)
         w_new = w * _axis_view(self.factor(strength), w, self.on_input)
@@ -99,7 +99,7 @@ class PeftIA3(Adapter):
             return re.fullmatch(modules, path) is not None
         return any(path == m or path.endswith("." + m) for m in modules)
 
-    def patch(self, weight, strength=1.0, bias=None):
+    def patch(self, weight, strength=1.0, bias=None, inplace=False):
         w = weight.to(COMPUTE_DTYPE)
         ff = self.feedforward(weight.shape)
         channels = weight.shape[1] if ff else weight.shape[0]

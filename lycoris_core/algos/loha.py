@@ -70,11 +70,14 @@ class LoHa(Adapter):
         return (a.shape[0], b.shape[1])
 
     def delta(self, weight):
+        # gamma folded into the first small factor: no extra pass over the full-size product
+        first = {"1": self.scale, "2": 1.0}
         if self.tucker:
             parts = [
-                torch.einsum("ij...,io,jk->ok...", self.t(f"hada_t{j}"), self.t(f"hada_w{j}_a"), self.t(f"hada_w{j}_b"))
+                torch.einsum("ij...,io,jk->ok...", self.t(f"hada_t{j}"), self.t(f"hada_w{j}_a") * first[j],
+                             self.t(f"hada_w{j}_b"))
                 for j in "12"
             ]
         else:
-            parts = [flat(self.t(f"hada_w{j}_a")) @ flat(self.t(f"hada_w{j}_b")) for j in "12"]
-        return (parts[0] * parts[1]).reshape(weight.shape) * self.scale
+            parts = [(flat(self.t(f"hada_w{j}_a")) * first[j]) @ flat(self.t(f"hada_w{j}_b")) for j in "12"]
+        return parts[0].mul_(parts[1]).reshape(weight.shape)

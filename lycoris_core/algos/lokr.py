@@ -109,8 +109,8 @@ class LoKr(Adapter):
         if w2.dim() > 2 or weight.dim() > 2:
             w2 = w2.reshape(w2.shape[0], -1, *weight.shape[2:]) if w2.dim() == 2 else w2
             w1 = w1.reshape(w1.shape + (1,) * (w2.dim() - 2))
-        d = torch.kron(w1.contiguous(), w2.contiguous())
-        return d.reshape(weight.shape) * self.scale
+        d = torch.kron((w1 * self.scale).contiguous(), w2.contiguous())  # gamma on the small factor
+        return d.reshape(weight.shape)
 
     def bypass(self, x, y, weight, bias, geometry, strength=1.0):
         if "dora_scale" in self.tensors or not geometry.linear:

@@ -48,16 +48,25 @@ class LoRA(Adapter):
         return None
 
     def delta(self, weight):
-        up, down, mid = self.t(UP), self.t(DOWN), self.t(MID)
+        up, down, mid = flat(self.t(UP)) * self.scale, flat(self.t(DOWN)), self.t(MID)
         if mid is None:
-            d = flat(up) @ flat(down)
+            d = (up @ down).reshape(weight.shape)
         else:
-            d = torch.einsum("ij...,oi,jk->ok...", mid, flat(up), flat(down))
-        d = d.reshape(weight.shape)
+            d = torch.einsum("ij...,oi,jk->ok...", mid, up, down).reshape(weight.shape)
         residual = self.sparse_residual(weight.shape)
         if residual is not None:
-            d = d + residual
-        return d * self.scale
+            d.add_(residual, alpha=self.scale)
+        return d
+
+    def add_delta(self, w, factor, inplace=False):
+        if MID in self.tensors or "bias_indices" in self.tensors:
+            return super().add_delta(w, factor, inplace)
+        # one fused pass over the weight: W + factor*gamma * up @ down
+        up, down, alpha = flat(self.t(UP)), flat(self.t(DOWN)), factor * self.scale
+        if inplace and w.is_contiguous():
+            flat(w).addmm_(up, down, alpha=alpha)
+            return w
+        return torch.addmm(flat(w), up, down, alpha=alpha).reshape(w.shape)
 
     def sparse_residual(self, shape):
         """Extraction tools' `bias_*` keys: a sparse residual of the weight delta, not a layer bias."""
