@@ -7,6 +7,8 @@ Strength is linear: W' = W + m * gamma * dW (DoRA: see base.weight_decompose).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -59,10 +61,12 @@ class LoRA(Adapter):
         return d
 
     def add_delta(self, w, factor, inplace=False):
-        if MID in self.tensors or "bias_indices" in self.tensors:
+        alpha = factor * self.scale
+        if MID in self.tensors or "bias_indices" in self.tensors or not math.isfinite(alpha):
+            # (BLAS may skip the product for a NaN alpha: the generic path keeps it visible)
             return super().add_delta(w, factor, inplace)
         # one fused pass over the weight: W + factor*gamma * up @ down
-        up, down, alpha = flat(self.t(UP)), flat(self.t(DOWN)), factor * self.scale
+        up, down = flat(self.t(UP)), flat(self.t(DOWN))
         if inplace and w.is_contiguous():
             flat(w).addmm_(up, down, alpha=alpha)
             return w
