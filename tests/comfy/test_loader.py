@@ -1,0 +1,211 @@
+"""Load LyCORIS on a real ComfyUI: same weights as ComfyUI's own LoraLoader where ComfyUI is right,
+the trainer's forward where it is wrong or silent, inputs never modified, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tiny_models import lycoris_file, patched_state_dict, tiny_clip, tiny_sd15
+
+ADDITIVE = {
+    "lora": {},
+    "locon": {"conv_dim": 4, "conv_alpha": 2},
+    "locon_tucker": {"algo": "locon", "conv_dim": 4, "conv_alpha": 2, "use_tucker": True},
+    "loha": {"conv_dim": 4, "conv_alpha": 2},
+    "lokr": {"factor": 4, "conv_dim": 2, "conv_alpha": 1},
+}
+ORACLE_ONLY = {  # ComfyUI is wrong or silent for these: compare with the trainer's forward
+    "ia3": {},
+    "dora_out": {"algo": "lora", "dora_wd": True},
+    "dora_in": {"algo": "lora", "dora_wd": True, "wd_on_output": False},
+    "glora": {"conv_dim": 4, "conv_alpha": 2},
+    "full": {},
+}
+
+
+def _load(pack, model, clip, name, strength_model=1.0, strength_clip=1.0, mode="merge"):
+    node = pack.NODE_CLASS_MAPPINGS["LycorisLoader"]()
+    return node.load(model, clip, name, strength_model, strength_clip, mode)
+
+
+def _loras(tmp_path, pack):
+    from comfyui_runtime import use_loras_folder
+
+    use_loras_folder(tmp_path)
+    from lycoris_pack.nodes import cache
+
+    cache.clear()
+
+
+def _make(tmp_path, model, case, kwargs):
+    kwargs = dict(kwargs)
+    algo = kwargs.pop("algo", case)
+    path = tmp_path / f"{case}.safetensors"
+    net, wrapped = lycoris_file(model.model.diffusion_model, path, "lora_unet_", algo, **kwargs)
+    return path, net, wrapped
+
+
+@pytest.mark.parametrize("case", sorted(ADDITIVE))
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_same_weights_as_comfyui_loraloader(pack, tmp_path, case, strength):
+    import comfy.sd
+    import comfy.utils
+
+    _loras(tmp_path, pack)
+    model = tiny_sd15()
+    path, _, _ = _make(tmp_path, model, case, ADDITIVE[case])
+    ours, _, report = _load(pack, model, None, path.name, strength, 0.0)
+    theirs, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(path), safe_load=True),
+                                              strength, 0.0)
+    a, b = patched_state_dict(ours), patched_state_dict(theirs)
+    changed = [k for k in a if not torch.equal(a[k], model.model.state_dict()[k])]
+    assert changed, "the adapter changed nothing"
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert "0 unmatched" in report and "0 keys not understood" in report, report
+
+
+def _relative_errors(net, wrapped, patched, base_sd, strength):
+    net.set_multiplier(strength)
+    g = torch.Generator().manual_seed(3)
+    worst = 0.0
+    for lora in net.loras:
+        base = lora.org_module[0]
+        path = next(n for n, m in wrapped.named_modules() if m is base)
+        weight = patched["diffusion_model." + path + ".weight"]
+        bias = patched.get("diffusion_model." + path + ".bias")
+        if isinstance(base, torch.nn.Linear):
+            x = torch.randn(5, base.in_features, generator=g)
+            ours = F.linear(x, weight, bias)
+            y_base = F.linear(x, base_sd["diffusion_model." + path + ".weight"], bias if bias is None else
+                              base_sd["diffusion_model." + path + ".bias"])
+        else:
+            x = torch.randn(2, base.in_channels, 7, 7, generator=g)
+            conv = lambda w, b: F.conv2d(x, w, b, base.stride, base.padding, base.dilation, base.groups)  # noqa: E731
+            ours = conv(weight, bias)
+            y_base = conv(base_sd["diffusion_model." + path + ".weight"],
+                          base_sd.get("diffusion_model." + path + ".bias"))
+        with torch.no_grad():
+            truth = lora(x)
+        worst = max(worst, float((ours - truth).norm() / (truth - y_base).norm()))
+    return worst
+
+
+@pytest.mark.parametrize("case", sorted(ORACLE_ONLY))
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_matches_the_trainers_forward(pack, tmp_path, case, strength):
+    _loras(tmp_path, pack)
+    model = tiny_sd15()
+    base_sd = {k: v.clone() for k, v in model.model.state_dict().items()}
+    path, net, wrapped = _make(tmp_path, model, case, ORACLE_ONLY[case])
+    ours, _, report = _load(pack, model, None, path.name, strength, 0.0)
+    error = _relative_errors(net, wrapped, patched_state_dict(ours), base_sd, strength)
+    assert error < 1e-4, (case, error)
+    assert "0 unmatched" in report, report
+
+
+def test_inputs_are_never_modified(pack, tmp_path):
+    _loras(tmp_path, pack)
+    model = tiny_sd15()
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    path, _, _ = _make(tmp_path, model, "loha", ADDITIVE["loha"])
+    new_model, _, _ = _load(pack, model, None, path.name)
+    assert model.patches == {} and new_model is not model and new_model.patches
+    patched_state_dict(new_model)
+    for key, value in model.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_text_encoder_patched_like_comfyui(pack, tmp_path):
+    import comfy.sd
+    import comfy.utils
+
+    _loras(tmp_path, pack)
+    model, clip = tiny_sd15(), tiny_clip(tmp_path)
+    path = tmp_path / "te.safetensors"
+    lycoris_file(clip.cond_stage_model.clip_l.transformer.text_model, path, "lora_te_text_model_", "lora")
+    ours_model, ours_clip, report = _load(pack, model, clip, path.name, 1.0, 0.8)
+    _, theirs_clip = comfy.sd.load_lora_for_models(model, clip, comfy.utils.load_torch_file(str(path), safe_load=True),
+                                                   1.0, 0.8)
+    a, b = patched_state_dict(ours_clip.patcher), patched_state_dict(theirs_clip.patcher)
+    changed = [k for k in a if not torch.equal(a[k], clip.cond_stage_model.state_dict()[k])]
+    assert changed
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert "text-encoder layers" in report and "0 unmatched" in report, report
+
+
+def test_model_only_skips_text_encoder_modules(pack, tmp_path):
+    _loras(tmp_path, pack)
+    model, clip = tiny_sd15(), tiny_clip(tmp_path)
+    te = tmp_path / "te.safetensors"
+    lycoris_file(clip.cond_stage_model.clip_l.transformer.text_model, te, "lora_te_text_model_", "lora")
+    unet = tmp_path / "unet.safetensors"
+    lycoris_file(model.model.diffusion_model, unet, "lora_unet_", "lora")
+    from safetensors.torch import load_file, save_file
+
+    both = tmp_path / "both.safetensors"
+    save_file({**load_file(str(te)), **load_file(str(unet))}, str(both))
+    node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
+    new_model, report = node.load(model, both.name, 1.0, "merge")
+    assert new_model.patches and "skipped" in report and "0 unmatched" in report, report
+
+
+def test_bad_files_name_the_file(pack, tmp_path):
+    _loras(tmp_path, pack)
+    model = tiny_sd15()
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="garbage.safetensors"):
+        _load(pack, model, None, "garbage.safetensors")
+    from safetensors.torch import save_file
+
+    other = {"lora_unet_some_other_model_layer.lora_up.weight": torch.zeros(8, 2),
+             "lora_unet_some_other_model_layer.lora_down.weight": torch.zeros(2, 8)}
+    save_file(other, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="other.safetensors.*nothing in this file matches"):
+        _load(pack, model, None, "other.safetensors")
+    assert model.patches == {}
+
+
+def test_decoded_files_are_cached(pack, tmp_path, monkeypatch):
+    _loras(tmp_path, pack)
+    model = tiny_sd15()
+    path, _, _ = _make(tmp_path, model, "lora", {})
+    from lycoris_pack.nodes import cache
+
+    calls = []
+    real = cache.load_adapter_file
+    monkeypatch.setattr(cache, "load_adapter_file", lambda p: calls.append(p) or real(p))
+    _load(pack, model, None, path.name)
+    _load(pack, model, None, path.name)
+    assert len(calls) == 1
+
+
+def test_bypass_equals_merge(pack, tmp_path):
+    _loras(tmp_path, pack)
+    model = tiny_sd15()
+    path, _, _ = _make(tmp_path, model, "locon", ADDITIVE["locon"])
+    merged, _, _ = _load(pack, model, None, path.name, 0.8, 0.0, "merge")
+    bypassed, _, report = _load(pack, model, None, path.name, 0.8, 0.0, "bypass")
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 16, 16)
+    t = torch.tensor([500.0])
+    context = torch.randn(1, 5, 64)
+    base_weights = {k: v.clone() for k, v in model.model.state_dict().items()}
+    outputs = []
+    for patcher in (merged, bypassed):
+        patcher.patch_model()
+        try:
+            with torch.no_grad():
+                outputs.append(patcher.model.diffusion_model(x, t, context=context))
+            if patcher is bypassed:
+                for key, value in patcher.model.state_dict().items():
+                    assert torch.equal(value, base_weights[key]), key  # base weights untouched
+        finally:
+            patcher.unpatch_model()
+    rel = float((outputs[0] - outputs[1]).norm() / outputs[0].norm())
+    assert rel < 1e-5, rel
+    layer = model.model.diffusion_model.input_blocks[1][1].proj_in
+    assert getattr(layer.forward, "__func__", None) is type(layer).forward  # unpatch restored the forward

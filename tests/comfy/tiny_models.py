@@ -1,0 +1,98 @@
+"""Tiny real models built with ComfyUI's own classes, and adapters trained-by-noise on them."""
+
+from __future__ import annotations
+
+import copy
+import json
+import types
+
+import torch
+
+TINY_UNET = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+    "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+    "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+    "context_dim": 64, "num_heads": 4, "num_head_channels": -1,
+    "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+TINY_CLIP = {
+    "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
+    "eos_token_id": 2, "hidden_act": "quick_gelu", "hidden_size": 64, "initializer_factor": 1.0,
+    "initializer_range": 0.02, "intermediate_size": 128, "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77, "model_type": "clip_text_model", "num_attention_heads": 4,
+    "num_hidden_layers": 2, "pad_token_id": 1, "projection_dim": 64, "torch_dtype": "float32",
+    "vocab_size": 49408,
+}
+
+
+def _randomise(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.state_dict().items():
+            if p.is_floating_point():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def tiny_sd15(seed: int = 0):
+    """A ModelPatcher around ComfyUI's SD1.5 BaseModel with a tiny UNet config."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(dict(TINY_UNET))
+    model = config.get_model({})
+    _randomise(model.diffusion_model, seed)
+    device = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def tiny_clip(tmp_path, seed: int = 1):
+    """ComfyUI's SD1 CLIP wrapper around a 2-layer text model."""
+    import comfy.sd
+    import comfy.sd1_clip
+
+    config_path = tmp_path / "tiny_clip.json"
+    config_path.write_text(json.dumps(TINY_CLIP))
+    target = types.SimpleNamespace(
+        clip=comfy.sd1_clip.SD1ClipModel, tokenizer=comfy.sd1_clip.SD1Tokenizer,
+        params={"textmodel_json_config": str(config_path)},
+    )
+    with torch.no_grad():  # ComfyUI builds models without autograd
+        clip = comfy.sd.CLIP(target)
+    _randomise(clip.cond_stage_model, seed)
+    return clip
+
+
+def lycoris_file(root_module: torch.nn.Module, path, prefix: str, algo: str, seed: int = 0, **kwargs):
+    """Wrap a copy of `root_module` with lycoris-lora, randomise, save with `prefix` names.
+
+    Returns (network, wrapped copy) so tests can run the trainer's forward as the oracle.
+    """
+    from lycoris import LycorisNetwork, create_lycoris
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(seed)
+    LycorisNetwork.apply_preset({"target_module": ["Linear", "Conv2d"]})
+    wrapped = copy.deepcopy(root_module)
+    kwargs = {"linear_dim": 4, "linear_alpha": 2, **kwargs}
+    net = create_lycoris(wrapped, 1.0, algo=algo, **kwargs)
+    net.apply_to()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() >= 1:
+                p.add_(torch.randn_like(p) * 0.05)
+    net.save_weights(str(path), torch.float32, {})
+    tensors = load_file(str(path))
+    renamed = {prefix + k[len("lycoris_"):]: v for k, v in tensors.items()}
+    save_file(renamed, str(path))
+    return net, wrapped
+
+
+def patched_state_dict(patcher) -> dict:
+    """The weights ComfyUI computes for a patched ModelPatcher (patch, copy, unpatch)."""
+    patcher.patch_model()
+    try:
+        return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
+    finally:
+        patcher.unpatch_model()
