@@ -58,6 +58,7 @@ class LayerGeometry:
     """
 
     conv_dims: int = 0
+    kernel_size: tuple = ()
     stride: tuple = (1, 1)
     padding: tuple | str = (0, 0)
     dilation: tuple = (1, 1)
@@ -71,7 +72,7 @@ class LayerGeometry:
     def of(cls, module) -> "LayerGeometry":
         if isinstance(module, torch.nn.modules.conv._ConvNd):
             dims = len(module.kernel_size)
-            return cls(dims, module.stride, module.padding, module.dilation, module.groups)
+            return cls(dims, tuple(module.kernel_size), module.stride, module.padding, module.dilation, module.groups)
         return cls()
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor, bias=None, *, plain: bool = False):
@@ -276,9 +277,9 @@ class Adapter:
             shape = weight.shape if weight is not None else self.expected_shape()
             if shape is None:
                 raise self.error(f"{self.algo} in bypass mode needs the layer's weight shape")
+            if len(shape) == 2 and not geometry.linear:  # factors stored flat: the layer knows its kernel
+                shape = (shape[0], shape[1] // math.prod(geometry.kernel_size)) + tuple(geometry.kernel_size)
             d = self.delta(torch.empty(shape, device=x.device))
-            if not geometry.linear and d.dim() == 2:
-                raise self.error(f"{self.algo} in bypass mode on a conv needs the layer's kernel size")
             out = y + strength * geometry.apply(x, d.to(x.dtype))
             db = self.bias_delta(bias)
             return out if db is None else out + strength * channel_view(db.to(x.dtype), out, geometry.linear)

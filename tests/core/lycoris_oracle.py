@@ -162,6 +162,12 @@ CASES: dict[str, Case] = {c.id: c for c in [
     Case("loha_bf16", "loha", kwargs={"conv_dim": 4, "conv_alpha": 2}, save_dtype=torch.bfloat16),
     Case("lokr_fp16", "lokr", kwargs={"factor": 4, "conv_dim": 2, "conv_alpha": 1}, save_dtype=torch.float16),
     Case("lokr_bf16", "lokr", kwargs={"factor": 4, "conv_dim": 2, "conv_alpha": 1}, save_dtype=torch.bfloat16),
+    Case("diag_oft", "diag-oft", alpha=0),
+    Case("diag_oft_constraint", "diag-oft", alpha=0, kwargs={"constraint": 1e-3}),
+    Case("diag_oft_rescaled", "diag-oft", dim=16, alpha=0, kwargs={"rescaled": True}),
+    Case("diag_oft_bf16", "diag-oft", alpha=0, kwargs={"rescaled": True}, save_dtype=torch.bfloat16),
+    Case("boft", "boft", alpha=0),
+    Case("boft_rescaled_constraint", "boft", dim=16, alpha=0, kwargs={"rescaled": True, "constraint": 1e-3}),
     Case("dylora", "dylora", kwargs={"conv_dim": 4, "conv_alpha": 2, "block_size": 2}, random_forward=True),
 ]}
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402  (the oracle: never skipped)
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from lycoris_core import load_adapter_file, merge_into_state_dict  # noqa: E402

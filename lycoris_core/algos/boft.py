@@ -1,0 +1,164 @@
+"""Butterfly OFT: LyCORIS BOFT (4-D `oft_blocks`) and PEFT BOFT (`boft_R`, `boft_s`).
+
+LyCORIS (>= 3.2.0.post2) applies M = log2(n) + 1 stages to the rows of W; stage i pairs rows
+k = 2^i * bs/2 apart (view rows as (O/2k, 2, k), swap the last two axes), multiplies each group of
+bs rows by R_m = I + m (R - I) (R itself, not R^T), and undoes the permutation; `rescale`
+multiplies the rows at the end, in full. The constraint is Diag-OFT's, over all stages jointly.
+PEFT builds M = prod_i P_i blockdiag(R_i) P_i^T on the input side (Cayley with S = (B - B^T)/2,
+R = (I - S)(I + S)^-1) and W' = (W_flat M^T) * s; it has no strength, so the result is
+interpolated, W + m (W' - W), as sd-scripts' boft does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import COMPUTE_DTYPE, Adapter, channel_view, flat
+from .oft import cayley, interpolate
+
+
+def _butterfly(rows: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """LyCORIS's stage sequence on dim 0 of `rows` (O, ...)."""
+    stages, groups, size, _ = rotations.shape
+    half = size // 2
+    out = rows
+    for i in range(stages):
+        k = 2 ** i * half
+        tail = out.shape[1:]
+        out = out.reshape(-1, 2, k, *tail).transpose(1, 2).reshape(groups, size, *tail)
+        out = torch.einsum("gij,gj...->gi...", rotations[i], out)
+        out = out.reshape(-1, k, 2, *tail).transpose(1, 2).reshape(-1, *tail)
+    return out
+
+
+class BOFT(Adapter):
+    algo = "boft"
+    suffixes = ("oft_blocks", "rescale")
+    additive = False
+
+    @classmethod
+    def detect(cls, tensors):
+        return "oft_blocks" in tensors and tensors["oft_blocks"].dim() == 4
+
+    def validate(self):
+        blocks = self.require("oft_blocks", (4,))
+        stages, groups, size, size2 = blocks.shape
+        if size != size2 or size % 2 or (groups & (groups - 1)) or 2 ** (stages - 1) * size // 2 * 2 > groups * size:
+            raise self.error(f"expected (stages, n, bs, bs) butterfly blocks with even bs and n a power of two, "
+                             f"found {list(blocks.shape)}", "oft_blocks")
+
+    @property
+    def out_channels(self) -> int:
+        blocks = self.tensors["oft_blocks"]
+        return int(blocks.shape[1] * blocks.shape[2])
+
+    @property
+    def rank(self):
+        return int(self.tensors["oft_blocks"].shape[-1])
+
+    @property
+    def scale(self):
+        return 1.0
+
+    def check_weight(self, weight_shape):
+        if weight_shape[0] != self.out_channels:
+            raise self.error(f"the butterfly covers {self.out_channels} output channels, the model's weight is "
+                             f"{list(weight_shape)}", "oft_blocks")
+
+    def rotations(self, strength):
+        alpha = self.alpha or 0.0
+        return interpolate(cayley(self.t("oft_blocks"), alpha * self.out_channels), strength)
+
+    def _rescale(self, out):
+        rescale = self.t("rescale")
+        if rescale is None:
+            return out
+        return out * rescale.reshape([-1] + [1] * (out.dim() - 1))
+
+    def patch(self, weight, strength=1.0, bias=None, inplace=False):
+        self.check_weight(weight.shape)
+        w = weight.to(COMPUTE_DTYPE)
+        out = self._rescale(_butterfly(w, self.rotations(strength)))
+        return out, None if bias is None else bias.to(COMPUTE_DTYPE)
+
+    def bypass_needs_weight(self):
+        return False
+
+    def bypass(self, x, y, weight, bias, geometry, strength=1.0):
+        """The same stages on the channels of (y - b), then rescale, then b back."""
+        b = None if bias is None else channel_view(bias.to(y.dtype), y, geometry.linear)
+        out = y if b is None else y - b
+        channels_first = out.movedim(-1 if geometry.linear else 1, 0)
+        mixed = self._rescale(_butterfly(channels_first, self.rotations(strength).to(y.dtype)))
+        out = mixed.movedim(0, -1 if geometry.linear else 1)
+        return out if b is None else out + b
+
+
+def _butterfly_permutation(n: int, blocks: int, half: int) -> torch.Tensor:
+    """PEFT's block butterfly permutation (index form) of n features."""
+    indices = torch.arange(n)
+    block = n // blocks
+    step = block // half
+    order = torch.cat([torch.arange(0, step, 2), torch.arange(1, step, 2)])
+    sorted_order = torch.cat([torch.arange(int(p) * half, int(p) * half + half) for p in order])
+    for start in range(0, n, block):
+        indices[start:start + block] = indices[start:start + block][sorted_order]
+    return indices
+
+
+class PeftBOFT(Adapter):
+    algo = "boft"
+    suffixes = ("boft_R", "boft_s")
+    additive = False
+
+    @classmethod
+    def detect(cls, tensors):
+        return "boft_R" in tensors
+
+    def validate(self):
+        blocks = self.require("boft_R", (4,))
+        if blocks.shape[2] != blocks.shape[3]:
+            raise self.error(f"expected (N, n, bs, bs) blocks, found {list(blocks.shape)}", "boft_R")
+        self.require("boft_s")
+
+    @property
+    def rank(self):
+        return int(self.tensors["boft_R"].shape[-1])
+
+    @property
+    def scale(self):
+        return 1.0
+
+    def check_weight(self, weight_shape):
+        _, groups, size, _ = self.tensors["boft_R"].shape
+        columns = int(torch.tensor(weight_shape[1:]).prod()) if len(weight_shape) > 1 else 1
+        if groups * size != columns or self.tensors["boft_s"].numel() != weight_shape[0]:
+            raise self.error(f"boft_R {list(self.tensors['boft_R'].shape)} / boft_s {list(self.tensors['boft_s'].shape)} "
+                             f"do not fit the model's weight {list(weight_shape)}", "boft_R")
+
+    def rotation_matrix(self) -> torch.Tensor:
+        """M = prod_i P_i blockdiag(R_i) P_i^T, later factors on the left."""
+        blocks = self.t("boft_R")
+        factors, groups, size, _ = blocks.shape
+        skew = 0.5 * (blocks - blocks.transpose(-1, -2))
+        eye = torch.eye(size, dtype=skew.dtype).expand_as(skew)
+        rotations = torch.linalg.solve(eye + skew, eye - skew, left=False)
+        n = groups * size
+        total = None
+        for i in range(factors):
+            diag = torch.block_diag(*rotations[i])
+            if factors > 1:  # PEFT's permutations exist only with butterfly factors (CUDA-trained files)
+                perm = _butterfly_permutation(n, groups // 2 ** i, size // 2)
+                p = torch.zeros(n, n, dtype=diag.dtype)
+                p[torch.arange(n), perm] = 1
+                diag = p @ diag @ p.T
+            total = diag if total is None else diag @ total
+        return total
+
+    def patch(self, weight, strength=1.0, bias=None, inplace=False):
+        self.check_weight(weight.shape)
+        w = weight.to(COMPUTE_DTYPE)
+        rotated = (flat(w) @ self.rotation_matrix().T) * self.t("boft_s").reshape(-1, 1)
+        rotated = rotated.reshape(w.shape)
+        out = rotated if strength == 1 else w + strength * (rotated - w)
+        return out, None if bias is None else bias.to(COMPUTE_DTYPE)

@@ -1,0 +1,220 @@
+"""Orthogonal fine-tuning with block-diagonal rotations: LyCORIS Diag-OFT (and kohya OFT, same
+math), LyCORIS 2.0 `oft_diag`, PEFT OFT v2 (`oft_R.weight`).
+
+LyCORIS rotates the output side: per block Q = B - B^T, scaled down to the constraint
+c = alpha * O (Frobenius norm over all blocks) when it exceeds it, R = (I + Q)(I - Q)^-1, and
+W'_k = R_m^T W_k with R_m = I + m (R - I); `rescale` multiplies the rows afterwards, in full
+whatever m is. PEFT rotates the input side: W' = W_flat R^T with R = blockdiag of Cayley
+rotations (its Neumann series or the exact solve, as the file's config says). PEFT has no
+strength; like sd-scripts' oft_v2 we interpolate the result, W + m (W' - W).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import COMPUTE_DTYPE, Adapter, channel_view, flat
+
+
+def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
+    """LyCORIS R = (I + Q)(I - Q)^-1 of Q = B - B^T, with its norm constraint (0 = none)."""
+    q = blocks - blocks.transpose(-1, -2)
+    if constraint > 0:
+        norm = torch.linalg.norm(q) + 1e-8
+        if norm > constraint:
+            q = q * (constraint / norm)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype)
+    return (eye + q) @ torch.linalg.inv(eye - q)
+
+
+def interpolate(rotation: torch.Tensor, strength: float) -> torch.Tensor:
+    """R_m = I + m (R - I), the trainers' multiplier on a rotation (not a geodesic)."""
+    if strength == 1:
+        return rotation
+    eye = torch.eye(rotation.shape[-1], dtype=rotation.dtype)
+    return eye + strength * (rotation - eye)
+
+
+class DiagOFT(Adapter):
+    algo = "diag-oft"
+    suffixes = ("oft_blocks", "rescale")
+    additive = False
+
+    @classmethod
+    def detect(cls, tensors):
+        return "oft_blocks" in tensors and tensors["oft_blocks"].dim() == 3
+
+    def validate(self):
+        blocks = self.require("oft_blocks", (3,))
+        if blocks.shape[1] != blocks.shape[2]:
+            raise self.error(f"expected square blocks (n, bs, bs), found {list(blocks.shape)}", "oft_blocks")
+        rescale = self.tensors.get("rescale")
+        if rescale is not None and rescale.numel() != blocks.shape[0] * blocks.shape[1]:
+            raise self.error(f"rescale has {rescale.numel()} entries, the blocks cover "
+                             f"{blocks.shape[0] * blocks.shape[1]} output channels", "rescale")
+
+    @property
+    def rank(self):
+        """The block size (LyCORIS picks it from lora_dim)."""
+        return int(self.tensors["oft_blocks"].shape[-1])
+
+    @property
+    def scale(self):
+        return 1.0
+
+    @property
+    def out_channels(self) -> int:
+        blocks = self.tensors["oft_blocks"]
+        return int(blocks.shape[0] * blocks.shape[1])
+
+    def check_weight(self, weight_shape):
+        if weight_shape[0] != self.out_channels:
+            raise self.error(f"the rotation blocks cover {self.out_channels} output channels, "
+                             f"the model's weight is {list(weight_shape)}", "oft_blocks")
+
+    def rotation(self, strength: float) -> torch.Tensor:
+        """Per-block R_m (n, bs, bs) with the constraint alpha * O (alpha 0 or absent: none)."""
+        alpha = self.alpha or 0.0
+        return interpolate(cayley(self.t("oft_blocks"), alpha * self.out_channels), strength)
+
+    def rescale_vector(self):
+        rescale = self.t("rescale")
+        return None if rescale is None else rescale.reshape(-1)
+
+    def patch(self, weight, strength=1.0, bias=None, inplace=False):
+        self.check_weight(weight.shape)
+        w = weight.to(COMPUTE_DTYPE)
+        r = self.rotation(strength)
+        n, bs, _ = r.shape
+        blocks = w.reshape(n, bs, -1)
+        out = torch.einsum("kij,kin->kjn", r, blocks).reshape(w.shape)  # W'_k = R_k^T W_k
+        rescale = self.rescale_vector()
+        if rescale is not None:
+            out = out * rescale.reshape([-1] + [1] * (w.dim() - 1))
+        return out, None if bias is None else bias.to(COMPUTE_DTYPE)
+
+    def bypass_needs_weight(self):
+        return False
+
+    def bypass(self, x, y, weight, bias, geometry, strength=1.0):
+        """Rotate the channels of (y - b) by R_m^T blockwise, rescale, add b back."""
+        r = self.rotation(strength).to(y.dtype)
+        n, bs, _ = r.shape
+        out = y if bias is None else y - channel_view(bias.to(y.dtype), y, geometry.linear)
+        moved = out if geometry.linear else out.movedim(1, -1)
+        rotated = torch.einsum("kij,...ki->...kj", r, moved.reshape(*moved.shape[:-1], n, bs))
+        rotated = rotated.reshape(moved.shape)
+        rescale = self.rescale_vector()
+        if rescale is not None:
+            rotated = rotated * rescale.to(y.dtype)
+        out = rotated if geometry.linear else rotated.movedim(-1, 1)
+        return out if bias is None else out + channel_view(bias.to(y.dtype), out, geometry.linear)
+
+
+class LegacyOFT(DiagOFT):
+    """LyCORIS 2.0 `oft_diag`: the finished rotation R per block (constraint and any rescale
+    already folded in); strength interpolates it, W'_k = (m R_k + (1 - m) I)^T W_k."""
+
+    algo = "diag-oft"
+    suffixes = ("oft_diag",)
+
+    @classmethod
+    def detect(cls, tensors):
+        return "oft_diag" in tensors
+
+    def validate(self):
+        blocks = self.require("oft_diag", (3,))
+        if blocks.shape[1] != blocks.shape[2]:
+            raise self.error(f"expected square blocks (n, bs, bs), found {list(blocks.shape)}", "oft_diag")
+
+    @property
+    def out_channels(self) -> int:
+        blocks = self.tensors["oft_diag"]
+        return int(blocks.shape[0] * blocks.shape[1])
+
+    @property
+    def rank(self):
+        return int(self.tensors["oft_diag"].shape[-1])
+
+    def rotation(self, strength):
+        return interpolate(self.t("oft_diag"), strength)
+
+    def rescale_vector(self):
+        return None
+
+
+class PeftOFT(Adapter):
+    """PEFT OFT v2: `oft_R.weight` (n_blocks, bs(bs-1)/2) holds the strict upper triangle of each
+    skew block; blocks tile the input features (Linear I, conv I*kh*kw)."""
+
+    algo = "oft"
+    suffixes = ("oft_R.weight",)
+    additive = False
+
+    @classmethod
+    def detect(cls, tensors):
+        return "oft_R.weight" in tensors
+
+    def validate(self):
+        vectors = self.require("oft_R.weight", (2,))
+        size = (1 + math.isqrt(1 + 8 * vectors.shape[1])) // 2
+        if size * (size - 1) // 2 != vectors.shape[1]:
+            raise self.error(f"{vectors.shape[1]} entries per block is no upper triangle bs(bs-1)/2", "oft_R.weight")
+
+    @property
+    def block_size(self) -> int:
+        return (1 + math.isqrt(1 + 8 * self.tensors["oft_R.weight"].shape[1])) // 2
+
+    @property
+    def rank(self):
+        return self.block_size
+
+    @property
+    def scale(self):
+        return 1.0
+
+    def check_weight(self, weight_shape):
+        blocks = self.tensors["oft_R.weight"].shape[0]
+        columns = math.prod(weight_shape[1:])
+        if columns % self.block_size or (blocks != 1 and blocks * self.block_size != columns):
+            raise self.error(f"{blocks} rotation blocks of size {self.block_size} do not tile the {columns} input "
+                             f"features of the model's weight {list(weight_shape)}", "oft_R.weight")
+
+    def rotations(self) -> torch.Tensor:
+        """(n, bs, bs) Cayley rotations as PEFT computes them for this file's config."""
+        config = self.context.peft_config or {}
+        bs = self.block_size
+        vectors = self.t("oft_R.weight")
+        rows, cols = torch.triu_indices(bs, bs, 1)
+        q = torch.zeros(vectors.shape[0], bs, bs, dtype=vectors.dtype)
+        q[:, rows, cols] = vectors
+        q = q - q.transpose(-1, -2)
+        eye = torch.eye(bs, dtype=q.dtype).expand_as(q)
+        if not config.get("use_cayley_neumann", True):
+            return torch.linalg.solve(eye + q, eye - q, left=False)  # (I - Q)(I + Q)^-1
+        terms = int(config.get("num_cayley_neumann_terms", 5))
+        r = eye.clone()
+        if terms > 1:
+            r = r + 2 * q
+        if terms > 2:  # PEFT's loop: 2Q^2 ... 2Q^(T-2), then Q^(T-1) once (T = 3 behaves as T = 4)
+            power = q @ q
+            r = r + 2 * power
+            for _ in range(3, terms - 1):
+                power = power @ q
+                r = r + 2 * power
+            r = r + power @ q
+        return r
+
+    def patch(self, weight, strength=1.0, bias=None, inplace=False):
+        self.check_weight(weight.shape)
+        w = weight.to(COMPUTE_DTYPE)
+        r = self.rotations()
+        columns = flat(w).shape[1]
+        n = columns // self.block_size
+        r = r.expand(n, -1, -1) if r.shape[0] == 1 else r
+        blocks = flat(w).reshape(w.shape[0], n, self.block_size)
+        rotated = torch.einsum("onj,nij->oni", blocks, r).reshape(w.shape)  # W_flat R^T
+        out = rotated if strength == 1 else w + strength * (rotated - w)
+        return out, None if bias is None else bias.to(COMPUTE_DTYPE)
