@@ -40,7 +40,7 @@ WITH_BIAS = ["lin", "sq", "conv3", "conv1"]
 
 
 def _cases():
-    from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig
+    from peft import BOFTConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
 
     return {
         "lora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=ALL),
@@ -66,6 +66,13 @@ def _cases():
                                                   target_modules=ALL),
         # r >= every factor dim: both factors full; PEFT still scales by alpha / r
         "lokr_both_full": lambda: LoKrConfig(r=64, alpha=16, target_modules=ALL),
+        # OFT blocks tile the input features (Linear I, conv I*kh*kw): block size 8 divides all of them
+        "oft_neumann": lambda: OFTConfig(r=0, oft_block_size=8, target_modules=ALL),
+        "oft_exact_cayley": lambda: OFTConfig(r=0, oft_block_size=8, use_cayley_neumann=False, target_modules=ALL),
+        "oft_neumann_3_terms": lambda: OFTConfig(r=0, oft_block_size=8, num_cayley_neumann_terms=3,
+                                                 target_modules=ALL),
+        "oft_block_share": lambda: OFTConfig(r=0, oft_block_size=8, block_share=True, target_modules=ALL),
+        "boft": lambda: BOFTConfig(boft_block_size=8, target_modules=["lin", "lin_nobias", "sq"]),
         "ia3": lambda: IA3Config(target_modules=ALL, feedforward_modules=[]),
         "ia3_feedforward": lambda: IA3Config(target_modules=ALL, feedforward_modules=["lin", "sq", "conv3"]),
     }
