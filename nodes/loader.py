@@ -68,7 +68,9 @@ class LycorisLoader:
         }}
 
     def load(self, model, clip, lycoris_name, strength_model, strength_clip, mode="merge"):
-        return load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mode)
+        new_model, new_clip, text = load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mode)
+        # the report also goes to the UI / the prompt history, where API users read it
+        return {"ui": {"text": [text]}, "result": (new_model, new_clip, text)}
 
 
 class LycorisLoaderModelOnly:
@@ -86,4 +88,4 @@ class LycorisLoaderModelOnly:
 
     def load(self, model, lycoris_name, strength_model, mode="merge"):
         new_model, _, text = load_and_apply(model, None, lycoris_name, strength_model, 0.0, mode)
-        return new_model, text
+        return {"ui": {"text": [text]}, "result": (new_model, text)}

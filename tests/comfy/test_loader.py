@@ -27,7 +27,7 @@ ORACLE_ONLY = {  # ComfyUI is wrong or silent for these: compare with the traine
 
 def _load(pack, model, clip, name, strength_model=1.0, strength_clip=1.0, mode="merge"):
     node = pack.NODE_CLASS_MAPPINGS["LycorisLoader"]()
-    return node.load(model, clip, name, strength_model, strength_clip, mode)
+    return node.load(model, clip, name, strength_model, strength_clip, mode)["result"]
 
 
 def _loras(tmp_path, pack):
@@ -149,7 +149,7 @@ def test_model_only_skips_text_encoder_modules(pack, tmp_path):
     both = tmp_path / "both.safetensors"
     save_file({**load_file(str(te)), **load_file(str(unet))}, str(both))
     node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
-    new_model, report = node.load(model, both.name, 1.0, "merge")
+    new_model, report = node.load(model, both.name, 1.0, "merge")["result"]
     assert new_model.patches and "skipped" in report and "0 unmatched" in report, report
 
 
