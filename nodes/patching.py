@@ -117,6 +117,9 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
         except AdapterFormatError as error:
             coverage.problems.append(str(error))
             continue
+        except (RuntimeError, ValueError, IndexError) as error:  # e.g. a slice the layer does not have
+            coverage.problems.append(str(adapter.error(f"cannot patch {key} at {offset}: {error}")))
+            continue
         coverage.matched[module] = key
         report.targets[module] = side
 

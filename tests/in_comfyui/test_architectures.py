@@ -95,12 +95,12 @@ def test_every_dialect_maps_every_layer(pack, arch):
 
 
 TINY_FLUX = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 16,
-             "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+             "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
              "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
              "guidance_embed": False}
 
 
-def _slice_adapters(rank=2, hidden=64, mlp=128):
+def _slice_adapters(rank=2, hidden=64, mlp=256):
     """One algorithm per slice of the fused weights, in SimpleTuner's `lycoris_` naming."""
     g = torch.Generator().manual_seed(7)
     r = lambda *shape: torch.randn(*shape, generator=g) * 0.1  # noqa: E731
@@ -151,7 +151,7 @@ def test_every_algorithm_lands_on_its_slice_of_a_fused_weight(pack, tmp_path):
             rows = slice(64 * i, 64 * (i + 1))
             expected, _ = adapters[f"lycoris_transformer_blocks_0_attn_{name}"].patch(base[qkv][rows], strength)
             torch.testing.assert_close(patched[qkv][rows], expected, rtol=1e-5, atol=1e-6)
-        mlp_rows = slice(3 * 64, 3 * 64 + 128)
+        mlp_rows = slice(3 * 64, 3 * 64 + 256)
         expected, _ = adapters["lycoris_single_transformer_blocks_0_proj_mlp"].patch(base[linear1][mlp_rows], strength)
         torch.testing.assert_close(patched[linear1][mlp_rows], expected, rtol=1e-5, atol=1e-6)
         assert torch.equal(patched[linear1][: 3 * 64], base[linear1][: 3 * 64])  # the qkv part untouched

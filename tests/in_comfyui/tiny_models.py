@@ -56,7 +56,7 @@ def tiny_clip(tmp_path, seed: int = 1):
     config_path.write_text(json.dumps(TINY_CLIP))
     target = types.SimpleNamespace(
         clip=comfy.sd1_clip.SD1ClipModel, tokenizer=comfy.sd1_clip.SD1Tokenizer,
-        params={"textmodel_json_config": str(config_path)},
+        params={"textmodel_json_config": str(config_path), "clip_model": comfy.sd1_clip.SDClipModel},
     )
     with torch.no_grad():  # ComfyUI builds models without autograd
         clip = comfy.sd.CLIP(target)
@@ -90,9 +90,18 @@ def lycoris_file(root_module: torch.nn.Module, path, prefix: str, algo: str, see
 
 
 def patched_state_dict(patcher) -> dict:
-    """The weights ComfyUI computes for a patched ModelPatcher (patch, copy, unpatch)."""
-    patcher.patch_model()
-    try:
-        return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
-    finally:
-        patcher.unpatch_model()
+    """The weights ComfyUI computes for a patched ModelPatcher: its own calculate_weight on an fp32
+    copy of each patched weight, cast back to the stored dtype, as ComfyUI does when it loads a
+    model (recent runtimes may otherwise patch on the fly and leave the parameters as they are)."""
+    import comfy.lora
+
+    weights = patcher.model.state_dict()
+    out = {k: v.detach().clone() for k, v in weights.items()}
+    for key, patches in patcher.patches.items():
+        w = weights[key].detach().to(torch.float32, copy=True)
+        if hasattr(comfy.lora, "calculate_weight"):
+            w = comfy.lora.calculate_weight(patches, w, key)
+        else:  # the pinned March-2024 runtime keeps it on the ModelPatcher
+            w = patcher.calculate_weight(patches, w, key)
+        out[key] = w.to(weights[key].dtype)
+    return out
