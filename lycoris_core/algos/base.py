@@ -268,6 +268,9 @@ class Adapter:
     def bypass(self, x, y, weight, bias, geometry: LayerGeometry, strength: float = 1.0):
         """Adapted layer output from input `x` and base output `y` (bias included).
 
+        `y` is consumed: families may write the result into its storage (callers pass the base
+        output they just computed).
+
         Default: additive families run their dense delta through the layer op,
         y' = y + m * op(x, gamma*dW) (LoHa has no factored identity); the rest compute the
         patched weight once per call from the layer's (dequantised) `weight`. Families with a

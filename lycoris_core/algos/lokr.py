@@ -116,9 +116,9 @@ class LoKr(Adapter):
         if "dora_scale" in self.tensors or not geometry.linear:
             return super().bypass(x, y, weight, bias, geometry, strength)
         # Kronecker identity: (w1 (x) W2) x  ==  vec(w1 . X . W2^T) with x viewed as (c, d).
-        w1 = self.w1().to(x.dtype)
+        w1 = (self.w1() * (strength * self.scale)).to(x.dtype)  # the factor on the small matrix
         w2 = self.w2().to(x.dtype)
         c, d = w1.shape[1], w2.shape[1]
         z = F.linear(x.reshape(*x.shape[:-1], c, d), flat(w2))  # (..., c, b)
-        out = torch.matmul(w1, z)  # (..., a, b)
-        return y + (strength * self.scale) * out.reshape(*x.shape[:-1], -1)
+        out = torch.matmul(w1, z).reshape(y.shape)  # (..., a, b)
+        return y.add_(out) if y.is_contiguous() else y + out

@@ -94,6 +94,14 @@ class LoRA(Adapter):
         if any(k in self.tensors for k in ("dora_scale", "lora_magnitude_vector", "bias_indices")):
             return super().bypass(x, y, weight, bias, geometry, strength)
         up, down, mid = (None if t is None else t.to(x.dtype) for t in (self.t(UP), self.t(DOWN), self.t(MID)))
+        factor = strength * self.scale
+        if geometry.linear and "lora_up.bias" not in self.tensors:
+            # y + factor * up(down(x)) in one fused pass, into y's own storage when it is contiguous
+            h = F.linear(x, flat(down)).reshape(-1, down.shape[0])
+            if y.is_contiguous():
+                y.view(-1, y.shape[-1]).addmm_(h, flat(up).T, alpha=factor)
+                return y
+            return torch.addmm(y.reshape(-1, y.shape[-1]), h, flat(up).T, alpha=factor).reshape(y.shape)
         if geometry.linear:
             out = F.linear(F.linear(x, flat(down)), flat(up))
         elif geometry.groups != 1:
@@ -112,4 +120,4 @@ class LoRA(Adapter):
         extra = self.t("lora_up.bias")
         if extra is not None:
             out = out + channel_view(extra.to(x.dtype), out, geometry.linear)
-        return y + (strength * self.scale) * out
+        return y + factor * out

@@ -52,6 +52,6 @@ def test_bypass_reproduces_lycoris_forward(oracle, case_id, m):
         if adapter.algo == "full":
             weight = layer.weight.detach()  # only to learn whether the layer has a bias to shift
         with torch.no_grad():
-            y = adapter.bypass(record.x, record.y_base, weight, layer.bias, LayerGeometry.of(layer), m)
+            y = adapter.bypass(record.x, record.y_base.clone(), weight, layer.bias, LayerGeometry.of(layer), m)
         errors[path] = lo.rel_error(y, record.y[m], record.y_base)
     assert max(errors.values()) <= TOL, f"{case_id} m={m}: {errors}"

@@ -211,3 +211,25 @@ def test_bypass_equals_merge(pack, tmp_path):
     assert rel < 1e-5, rel
     layer = model.model.diffusion_model.input_blocks[1][1].proj_in
     assert getattr(layer.forward, "__func__", None) is type(layer).forward  # unpatch restored the forward
+
+
+class _Payload:
+    """Unpickling this would create a file: the loader must never run it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_pickle_adapters_are_refused_and_never_executed(pack, tmp_path):
+    _loras(tmp_path, pack)
+    model = tiny_sd15()
+    marker = tmp_path / "pwned"
+    torch.save({"lora_unet_x.lora_up.weight": _Payload(str(marker))}, str(tmp_path / "evil.pt"))
+    with pytest.raises(ValueError, match="evil.pt"):
+        _load(pack, model, None, "evil.pt")
+    assert not marker.exists() and model.patches == {}
