@@ -20,6 +20,7 @@ Stored in fp16 (half the bytes of fp32); a fixed seed makes the files reproducib
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -82,7 +83,7 @@ def build_checkpoint(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[
     return state
 
 
-def _save(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
+def save_adapter_file(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +98,7 @@ def write_checkpoint(path: Path, seed: int = 0) -> Path:
     path = Path(path)
     if path.is_file():
         return path
-    return _save(path, build_checkpoint(seed), {"generated_by": "lycoris pack e2e tests (random weights)"})
+    return save_adapter_file(path, build_checkpoint(seed), {"generated_by": "lycoris pack e2e tests (random weights)"})
 
 
 def kohya_name(key: str) -> str | None:
@@ -123,9 +124,10 @@ def default_targets(key: str, shape: tuple[int, ...]) -> bool:
 
 def kohya_lora(shapes: dict[str, tuple[int, ...]], rank: int = 4, alpha: float | None = None, seed: int = 0,
                scale: float = 0.05, select: Callable[[str, tuple[int, ...]], bool] = default_targets,
-               dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """A LoRA for the selected weights: `<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`.
-    Conv weights get a (rank, in, kh, kw) down and a (out, rank, 1, 1) up, as kohya's LoCon."""
+               dtype: torch.dtype = torch.float16, algo: str = "lora") -> dict[str, torch.Tensor]:
+    """An adapter for the selected weights, kohya names. "lora": `.lora_down.weight`,
+    `.lora_up.weight` (conv: (rank, in, kh, kw) down, (out, rank, 1, 1) up, as kohya's LoCon);
+    "loha": `.hada_w{1,2}_{a,b}` with the conv kernel flattened into `_b`. Plus `.alpha`."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for key in sorted(shapes):
@@ -135,10 +137,15 @@ def kohya_lora(shapes: dict[str, tuple[int, ...]], rank: int = 4, alpha: float |
         name = kohya_name(key)
         out_dim, in_dim = shape[0], shape[1]
         kernel = tuple(shape[2:])
-        down = torch.randn((rank, in_dim) + kernel, generator=g) * scale
-        up = torch.randn((out_dim, rank) + (1,) * len(kernel), generator=g) * scale
-        tensors[f"{name}.lora_down.weight"] = down.to(dtype)
-        tensors[f"{name}.lora_up.weight"] = up.to(dtype)
+        if algo == "loha":
+            for j in "12":
+                tensors[f"{name}.hada_w{j}_a"] = (torch.randn(out_dim, rank, generator=g) * scale * 2).to(dtype)
+                tensors[f"{name}.hada_w{j}_b"] = (torch.randn(rank, math.prod(shape[1:]), generator=g) * scale * 2).to(dtype)
+        else:
+            down = torch.randn((rank, in_dim) + kernel, generator=g) * scale
+            up = torch.randn((out_dim, rank) + (1,) * len(kernel), generator=g) * scale
+            tensors[f"{name}.lora_down.weight"] = down.to(dtype)
+            tensors[f"{name}.lora_up.weight"] = up.to(dtype)
         tensors[f"{name}.alpha"] = torch.tensor(float(alpha if alpha is not None else rank), dtype=dtype)
     return tensors
 
@@ -146,4 +153,4 @@ def kohya_lora(shapes: dict[str, tuple[int, ...]], rank: int = 4, alpha: float |
 def write_kohya_lora(path: Path, shapes: dict[str, tuple[int, ...]] | None = None, **kwargs) -> Path:
     """Write `kohya_lora(shapes or weight_shapes(), **kwargs)` to `path` (atomically)."""
     tensors = kohya_lora(shapes if shapes is not None else weight_shapes(), **kwargs)
-    return _save(Path(path), tensors, {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
+    return save_adapter_file(Path(path), tensors, {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
