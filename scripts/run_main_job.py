@@ -39,7 +39,7 @@ def write_models(models: Path) -> None:
             text = lambda key, shape: not key.startswith(make_models.UNET_PREFIX) and make_models.default_targets(key, shape)  # noqa: E731
             tensors = {**make_models.kohya_lora(shapes, algo="loha", select=unet, seed=3),
                        **make_models.kohya_lora(shapes, select=text, seed=4)}
-            make_models.save_adapter_file(adapter, tensors, {
+            make_models.save_safetensors(adapter, tensors, {
                 "ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "loha"}),
                 "ss_base_model_version": "sd_v1", "ss_tag_frequency": json.dumps({"demo": {"lycoris demo": 1}})})
 

@@ -83,7 +83,7 @@ def build_checkpoint(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[
     return state
 
 
-def save_adapter_file(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
+def save_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +98,7 @@ def write_checkpoint(path: Path, seed: int = 0) -> Path:
     path = Path(path)
     if path.is_file():
         return path
-    return save_adapter_file(path, build_checkpoint(seed), {"generated_by": "lycoris pack e2e tests (random weights)"})
+    return save_safetensors(path, build_checkpoint(seed), {"generated_by": "lycoris pack e2e tests (random weights)"})
 
 
 def kohya_name(key: str) -> str | None:
@@ -153,4 +153,4 @@ def kohya_lora(shapes: dict[str, tuple[int, ...]], rank: int = 4, alpha: float |
 def write_kohya_lora(path: Path, shapes: dict[str, tuple[int, ...]] | None = None, **kwargs) -> Path:
     """Write `kohya_lora(shapes or weight_shapes(), **kwargs)` to `path` (atomically)."""
     tensors = kohya_lora(shapes if shapes is not None else weight_shapes(), **kwargs)
-    return save_adapter_file(Path(path), tensors, {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
+    return save_safetensors(Path(path), tensors, {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
