@@ -22,6 +22,7 @@ ORACLE_ONLY = {  # ComfyUI is wrong or silent for these: compare with the traine
     "dora_in": {"algo": "lora", "dora_wd": True, "wd_on_output": False},
     "glora": {"conv_dim": 4, "conv_alpha": 2},
     "full": {},
+    "diag_oft_rescaled": {"algo": "diag-oft", "rescaled": True, "constraint": 1e-3},
 }
 
 
