@@ -12,6 +12,7 @@ import comfy.utils
 import torch
 
 from ..lycoris_core import AdapterFormatError
+from ..lycoris_core.algos.tlora import current_timestep
 from ..lycoris_core.matching import Coverage
 from .bypass import BypassForward
 from .key_map import build_key_map, is_text_encoder_module, resolve, target_key
@@ -140,7 +141,25 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
                 target_obj.add_patches(group, strength)
         for path, adapter, strength, offset in bypassed[side]:
             _add_bypass(_patcher(target_obj), path, adapter, strength, offset)
+    if any(adapter.algo == "tlora" for _, adapter, _, _ in bypassed["model"]):
+        _publish_timestep(new_model)
     return new_model, new_clip, report
+
+
+def _publish_timestep(patcher) -> None:
+    """T-LoRA's rank mask follows the sampling step: wrap the model call so the current timestep
+    (the sampler hands ComfyUI a sigma) is published before every step, keeping any wrapper
+    another node installed."""
+    previous = patcher.model_options.get("model_function_wrapper")
+    sampling = patcher.model.model_sampling
+
+    def wrapper(apply_model, args):
+        current_timestep.value = float(sampling.timestep(args["timestep"]).reshape(-1)[0])
+        if previous is not None:
+            return previous(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    patcher.set_model_unet_function_wrapper(wrapper)
 
 
 def _patcher(owner):

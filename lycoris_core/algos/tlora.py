@@ -1,17 +1,43 @@
-"""T-LoRA (lycoris-lora 4.x `algo=tlora`), decoded as a static LoRA (no timestep mask).
+"""T-LoRA (lycoris-lora 4.x `algo=tlora`): a LoRA whose active ranks depend on the timestep.
 
 dW = P diag(lambda) Q - P0 diag(lambda0) Q0, where (P0, lambda0, Q0) is the module's initial
 state: the top-r SVD triplets of the base weight (`sig_type="principal"`, the default). It is
 not saved, so it is rebuilt from the base weight being patched; the product is sign-invariant,
 so this is exact when the base weight is the one the adapter was trained on. Files that carry
 `base_q`/`base_p`/`base_lambda` use those instead. gamma = alpha / r; strength is linear.
+
+Merging has no timestep, so it uses every rank (the trainer's forward with no mask set). Bypass
+applies the trainer's rank mask per sampling step: at timestep t of T = 1000 the first
+int(((T - t) / T) ** tlora_alpha * (r - tlora_min_rank)) + tlora_min_rank ranks stay active
+(SimpleTuner's `tlora_min_rank`, `tlora_alpha`, from the file's metadata; defaults 1 and 1).
+The node layer publishes the current timestep through `current_timestep`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import Adapter, COMPUTE_DTYPE, flat
+from .base import COMPUTE_DTYPE, Adapter, channel_view, flat
+
+
+MAX_TIMESTEP = 1000
+
+
+class _Timestep:
+    """The sampling step's timestep, set by whoever drives the model (None: no mask)."""
+
+    value: float | None = None
+
+
+current_timestep = _Timestep()
+
+
+def rank_mask(timestep, rank: int, min_rank: int = 1, alpha: float = 1.0) -> torch.Tensor:
+    """lycoris-lora's `compute_timestep_mask` rule: (rank,) ones for the active ranks."""
+    active = int(((MAX_TIMESTEP - float(timestep)) / MAX_TIMESTEP) ** alpha * (rank - min_rank)) + min_rank
+    mask = torch.zeros(rank)
+    mask[: min(active, rank)] = 1.0
+    return mask
 
 
 class TLoRA(Adapter):
@@ -65,6 +91,39 @@ class TLoRA(Adapter):
         if weight.dim() > 2:  # the trainer keeps only the first in_channels columns for convs
             q0 = q0[:, : weight.shape[1]]
         return p0, s0, q0
+
+    def mask(self, timestep) -> torch.Tensor:
+        """The trainer's rank mask at `timestep` (all ones when None)."""
+        if timestep is None:
+            return torch.ones(self.rank)
+        min_rank = self.context.int_arg("tlora_min_rank") or 1
+        try:
+            alpha = float(self.context.network_args.get("tlora_alpha", self.context.metadata.get("tlora_alpha", 1)))
+        except (TypeError, ValueError):
+            alpha = 1.0
+        return rank_mask(timestep, self.rank, min_rank, alpha)
+
+    def bypass(self, x, y, weight, bias, geometry, strength=1.0):
+        """y + m*gamma*(P(lambda*mu . Qx) - P0(lambda0*mu . Q0x)), mu the mask of the current step.
+        The initial state (an SVD of W) is computed once per layer weight."""
+        if weight is None:
+            raise self.error("T-LoRA in bypass mode needs the layer's readable weight (its SVD is the base term)")
+        key = (weight.data_ptr(), tuple(weight.shape))
+        cached = getattr(self, "_initial", None)
+        if cached is None or cached[0] != key:
+            self._initial = cached = (key, self.initial_state(weight))
+        p0, lam0, q0 = cached[1]
+        mu = self.mask(current_timestep.value).to(x.device)
+        p, lam, q = flat(self.t("p_layer.weight")), self.t("lambda_layer").reshape(-1), flat(self.t("q_layer.weight"))
+        ones = (1,) * geometry.conv_dims  # convs: 1x1 factors, Q with the layer's geometry as the trainer does
+
+        def branch(up, scale, down):
+            down = down.to(x.dtype).reshape(down.shape + ones)
+            h = geometry.apply(x, down) * channel_view((scale * mu).to(x.dtype), x, geometry.linear)
+            return geometry.apply(h, up.to(x.dtype).reshape(up.shape + ones), plain=True)
+
+        out = branch(p, lam, q) - branch(p0, lam0, q0)
+        return y + (strength * self.scale) * out
 
     def delta(self, weight):
         p, lam, q = flat(self.t("p_layer.weight")), self.t("lambda_layer").reshape(-1), flat(self.t("q_layer.weight"))

@@ -55,3 +55,40 @@ def test_bypass_reproduces_lycoris_forward(oracle, case_id, m):
             y = adapter.bypass(record.x, record.y_base.clone(), weight, layer.bias, LayerGeometry.of(layer), m)
         errors[path] = lo.rel_error(y, record.y[m], record.y_base)
     assert max(errors.values()) <= TOL, f"{case_id} m={m}: {errors}"
+
+
+@pytest.mark.parametrize("timestep", [0, 350, 600, 999])
+def test_tlora_bypass_applies_the_trainers_timestep_mask(tmp_path, timestep):
+    """lycoris-lora's own masked forward (set_timestep_mask + compute_timestep_mask) is the truth."""
+    import copy
+
+    from lycoris import LycorisNetwork, create_lycoris
+    from lycoris.modules.tlora import clear_timestep_mask, compute_timestep_mask, set_timestep_mask
+
+    from lycoris_core.algos.tlora import current_timestep
+
+    lo.reset_presets(["Linear"])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 24))
+    base = copy.deepcopy(model)
+    net = create_lycoris(model, 1.0, linear_dim=8, linear_alpha=4, algo="tlora")
+    net.apply_to()
+    lo.randomise(net, use_scalar=False)
+    path = tmp_path / "tlora.safetensors"
+    metadata = {"ss_network_args": '{"algo": "tlora", "tlora_min_rank": "2", "tlora_alpha": "1.5"}'}
+    net.save_weights(str(path), torch.float32, metadata)
+    adapters = load_adapter_file(path).adapters
+    x = torch.randn(3, 5, 32)
+    set_timestep_mask(compute_timestep_mask(timestep, 1000, 8, 2, 1.5))
+    current_timestep.value = timestep
+    try:
+        for i, (layer, base_layer) in enumerate(zip(model, base)):
+            inp = x if i == 0 else torch.randn(3, 5, 48)
+            with torch.no_grad():
+                truth, y_base = layer(inp), base_layer(inp)
+                ours = adapters[f"lycoris_{i}"].bypass(inp, y_base.clone(), base_layer.weight, base_layer.bias,
+                                                      LayerGeometry.of(base_layer), 1.0)
+            assert lo.rel_error(ours, truth, y_base) <= TOL
+    finally:
+        clear_timestep_mask()
+        current_timestep.value = None

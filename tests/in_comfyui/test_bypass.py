@@ -129,3 +129,18 @@ def test_bypass_on_a_layer_without_a_float_weight(pack, tmp_path):
     assert layer.weight.dtype == torch.int8
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.dequantised(), layer.bias))  # unpatched again
+
+
+def test_tlora_bypass_publishes_the_sampling_timestep(pack, tmp_path):
+    _loras(tmp_path)
+    model = tiny_sd15()
+    lycoris_file(model.model.diffusion_model, tmp_path / "tlora.safetensors", "lora_unet_", "tlora")
+    patched = _load(pack, model, "tlora.safetensors", 1.0, "bypass")
+    from lycoris_pack.lycoris_core.algos.tlora import current_timestep
+
+    wrapper = patched.model_options["model_function_wrapper"]
+    sigma = torch.tensor([2.5, 2.5])
+    seen = []
+    wrapper(lambda x, t, **c: seen.append(current_timestep.value), {"input": None, "timestep": sigma, "c": {}})
+    assert seen == [pytest.approx(float(model.model.model_sampling.timestep(sigma)[0]))]
+    assert "model_function_wrapper" not in model.model_options  # the input model is untouched
