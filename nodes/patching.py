@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import comfy.utils
 import torch
 
-from ..lycoris_core import AdapterFormatError
+from ..lycoris_core import AdapterFormatError, LayerGeometry
 from ..lycoris_core.algos.tlora import current_timestep
 from ..lycoris_core.matching import Coverage
 from .bypass import BypassForward
@@ -25,6 +25,8 @@ class LoadReport:
 
     coverage: Coverage
     skipped_text_encoder: list[str] = field(default_factory=list)
+    bypass_dense: dict[str, int] = field(default_factory=dict)  # algo -> layers rebuilt every step
+    bypassed: int = 0
     targets: dict[str, str] = field(default_factory=dict)  # module -> "model" | "clip"
 
     def text(self, adapter_file, strengths: str) -> str:
@@ -37,6 +39,11 @@ class LoadReport:
         on_model = sum(1 for v in self.targets.values() if v == "model")
         on_clip = sum(1 for v in self.targets.values() if v == "clip")
         lines.append(f"patched: {on_model} model layers, {on_clip} text-encoder layers")
+        if self.bypassed:
+            dense = ", ".join(f"{a} x{n}" for a, n in sorted(self.bypass_dense.items()))
+            lines.append(f"bypass: {self.bypassed} layers run the adapter beside the layer"
+                         + (f"; {sum(self.bypass_dense.values())} of them build a dense weight every step "
+                            f"(no factored form: {dense})" if dense else ""))
         if self.skipped_text_encoder:
             lines.append(f"skipped: {len(self.skipped_text_encoder)} text-encoder modules (no CLIP input)")
         lines.extend(c.lines())
@@ -105,6 +112,10 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
                 layer = _bypassable_layer(owners[side], key[: -len(".weight")], adapter)
                 if layer is not None:
                     bypassed[side].append((key[: -len(".weight")], adapter, strength, offset))
+                    report.bypassed += 1
+                    if adapter.bypass_is_dense(LayerGeometry.of(layer)):
+                        label = adapter.algo + ("+dora" if adapter.has_dora else "")
+                        report.bypass_dense[label] = report.bypass_dense.get(label, 0) + 1
                     coverage.matched[module] = key
                     report.targets[module] = side
                     continue

@@ -261,6 +261,11 @@ class Adapter:
         multiplicative families without their own output-side form)."""
         return self.delta_uses_weight or not self.additive or self.has_dora
 
+    def bypass_is_dense(self, geometry: LayerGeometry | None = None) -> bool:
+        """Whether bypass builds a full-size weight or delta every step (no factored form)."""
+        own = type(self).bypass is not Adapter.bypass
+        return not own or self.has_dora or (geometry is not None and not geometry.linear and self.algo == "lokr")
+
     @property
     def has_dora(self) -> bool:
         return "dora_scale" in self.tensors or "lora_magnitude_vector" in self.tensors

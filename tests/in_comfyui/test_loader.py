@@ -208,6 +208,7 @@ def test_bypass_equals_merge(pack, tmp_path):
                     assert torch.equal(value, base_weights[key]), key  # base weights untouched
         finally:
             patcher.unpatch_model()
+    assert "bypass: " in report and "dense" not in report, report  # LoCon has a factored bypass
     rel = float((outputs[0] - outputs[1]).norm() / outputs[0].norm())
     assert rel < 1e-5, rel
     layer = model.model.diffusion_model.input_blocks[1][1].proj_in
