@@ -57,9 +57,12 @@ class BypassForward:
 
     def __call__(self, x, *args, **kwargs):
         y = type(self.module).forward(self.module, x, *args, **kwargs)
-        weight = bias = None
+        weight = None
         if self.needs_weight():
             weight, bias = _layer_weights(self.module, x)
+        else:  # output-side families still need the bias: it is not rotated or scaled
+            bias = getattr(self.module, "bias", None)
+            bias = bias.to(x.dtype) if isinstance(bias, torch.Tensor) and bias.is_floating_point() else None
         for adapter, strength, offset in self._adapters_on(x.device):
             if offset is None:
                 y = adapter.bypass(x, y, weight, bias, self.geometry, strength)

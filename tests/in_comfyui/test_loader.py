@@ -186,10 +186,16 @@ def test_decoded_files_are_cached(pack, tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
-def test_bypass_equals_merge(pack, tmp_path):
+BYPASS_CASES = {"locon": ADDITIVE["locon"], "loha": ADDITIVE["loha"], "lokr": ADDITIVE["lokr"],
+                "ia3": {}, "dora_out": ORACLE_ONLY["dora_out"], "diag_oft_rescaled": ORACLE_ONLY["diag_oft_rescaled"],
+                "glora": ORACLE_ONLY["glora"]}
+
+
+@pytest.mark.parametrize("case", sorted(BYPASS_CASES))
+def test_bypass_equals_merge(pack, tmp_path, case):
     _loras(tmp_path, pack)
     model = tiny_sd15()
-    path, _, _ = _make(tmp_path, model, "locon", ADDITIVE["locon"])
+    path, _, _ = _make(tmp_path, model, case, BYPASS_CASES[case])
     merged, _, _ = _load(pack, model, None, path.name, 0.8, 0.0, "merge")
     bypassed, _, report = _load(pack, model, None, path.name, 0.8, 0.0, "bypass")
     torch.manual_seed(0)
@@ -208,7 +214,9 @@ def test_bypass_equals_merge(pack, tmp_path):
                     assert torch.equal(value, base_weights[key]), key  # base weights untouched
         finally:
             patcher.unpatch_model()
-    assert "bypass: " in report and "dense" not in report, report  # LoCon has a factored bypass
+    assert "bypass: " in report, report
+    if case in ("locon", "ia3", "diag_oft_rescaled"):
+        assert "dense" not in report, report  # factored / output-side bypass on Linear layers
     rel = float((outputs[0] - outputs[1]).norm() / outputs[0].norm())
     assert rel < 1e-5, rel
     layer = model.model.diffusion_model.input_blocks[1][1].proj_in
@@ -235,3 +243,24 @@ def test_pickle_adapters_are_refused_and_never_executed(pack, tmp_path):
     with pytest.raises(ValueError, match="evil.pt"):
         _load(pack, model, None, "evil.pt")
     assert not marker.exists() and model.patches == {}
+
+
+def test_stacked_bypass_adapters_equal_stacked_merges(pack, tmp_path):
+    _loras(tmp_path, pack)
+    model = tiny_sd15()
+    first, _, _ = _make(tmp_path, model, "locon", ADDITIVE["locon"])
+    second, _, _ = _make(tmp_path, model, "lokr", ADDITIVE["lokr"])
+    outputs = []
+    for mode in ("merge", "bypass"):
+        once, _, _ = _load(pack, model, None, first.name, 0.7, 0.0, mode)
+        twice, _, _ = _load(pack, once, None, second.name, 1.2, 0.0, mode)
+        assert once.patches == {} or mode == "merge"
+        torch.manual_seed(0)
+        x, t, context = torch.randn(1, 4, 16, 16), torch.tensor([300.0]), torch.randn(1, 5, 64)
+        twice.patch_model()
+        try:
+            with torch.no_grad():
+                outputs.append(twice.model.diffusion_model(x, t, context=context))
+        finally:
+            twice.unpatch_model()
+    assert float((outputs[0] - outputs[1]).norm() / outputs[0].norm()) < 1e-5
