@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import COMPUTE_DTYPE, Adapter, channel_view, flat
-from .oft import cayley, interpolate
+from .base import COMPUTE_DTYPE, Adapter, flat
+from .oft import DiagOFT
 
 
 def _butterfly(rows: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
@@ -31,10 +31,10 @@ def _butterfly(rows: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class BOFT(Adapter):
+class BOFT(DiagOFT):
+    """LyCORIS BOFT: Diag-OFT's rotation, constraint, rescale and bypass with butterfly stages."""
+
     algo = "boft"
-    suffixes = ("oft_blocks", "rescale")
-    additive = False
 
     @classmethod
     def detect(cls, tensors):
@@ -43,55 +43,13 @@ class BOFT(Adapter):
     def validate(self):
         blocks = self.require("oft_blocks", (4,))
         stages, groups, size, size2 = blocks.shape
-        if size != size2 or size % 2 or (groups & (groups - 1)) or 2 ** (stages - 1) * size // 2 * 2 > groups * size:
+        if size != size2 or size % 2 or (groups & (groups - 1)) or 2 ** (stages - 1) > groups:
             raise self.error(f"expected (stages, n, bs, bs) butterfly blocks with even bs and n a power of two, "
                              f"found {list(blocks.shape)}", "oft_blocks")
+        self._validate_rescale()
 
-    @property
-    def out_channels(self) -> int:
-        blocks = self.tensors["oft_blocks"]
-        return int(blocks.shape[1] * blocks.shape[2])
-
-    @property
-    def rank(self):
-        return int(self.tensors["oft_blocks"].shape[-1])
-
-    @property
-    def scale(self):
-        return 1.0
-
-    def check_weight(self, weight_shape):
-        if weight_shape[0] != self.out_channels:
-            raise self.error(f"the butterfly covers {self.out_channels} output channels, the model's weight is "
-                             f"{list(weight_shape)}", "oft_blocks")
-
-    def rotations(self, strength):
-        alpha = self.alpha or 0.0
-        return interpolate(cayley(self.t("oft_blocks"), alpha * self.out_channels), strength)
-
-    def _rescale(self, out):
-        rescale = self.t("rescale")
-        if rescale is None:
-            return out
-        return out * rescale.reshape([-1] + [1] * (out.dim() - 1))
-
-    def patch(self, weight, strength=1.0, bias=None, inplace=False):
-        self.check_weight(weight.shape)
-        w = weight.to(COMPUTE_DTYPE)
-        out = self._rescale(_butterfly(w, self.rotations(strength)))
-        return out, None if bias is None else bias.to(COMPUTE_DTYPE)
-
-    def bypass_needs_weight(self):
-        return False
-
-    def bypass(self, x, y, weight, bias, geometry, strength=1.0):
-        """The same stages on the channels of (y - b), then rescale, then b back."""
-        b = None if bias is None else channel_view(bias.to(y.dtype), y, geometry.linear)
-        out = y if b is None else y - b
-        channels_first = out.movedim(-1 if geometry.linear else 1, 0)
-        mixed = self._rescale(_butterfly(channels_first, self.rotations(strength).to(y.dtype)))
-        out = mixed.movedim(0, -1 if geometry.linear else 1)
-        return out if b is None else out + b
+    def rotate_rows(self, rows, rotation):
+        return _butterfly(rows, rotation)
 
 
 def _butterfly_permutation(n: int, blocks: int, half: int) -> torch.Tensor:

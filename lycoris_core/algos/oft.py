@@ -41,24 +41,28 @@ class DiagOFT(Adapter):
     algo = "diag-oft"
     suffixes = ("oft_blocks", "rescale")
     additive = False
+    blocks_key = "oft_blocks"
 
     @classmethod
     def detect(cls, tensors):
         return "oft_blocks" in tensors and tensors["oft_blocks"].dim() == 3
 
     def validate(self):
-        blocks = self.require("oft_blocks", (3,))
+        blocks = self.require(self.blocks_key, (3,))
         if blocks.shape[1] != blocks.shape[2]:
-            raise self.error(f"expected square blocks (n, bs, bs), found {list(blocks.shape)}", "oft_blocks")
+            raise self.error(f"expected square blocks (n, bs, bs), found {list(blocks.shape)}", self.blocks_key)
+        self._validate_rescale()
+
+    def _validate_rescale(self):
         rescale = self.tensors.get("rescale")
-        if rescale is not None and rescale.numel() != blocks.shape[0] * blocks.shape[1]:
+        if rescale is not None and rescale.numel() != self.out_channels:
             raise self.error(f"rescale has {rescale.numel()} entries, the blocks cover "
-                             f"{blocks.shape[0] * blocks.shape[1]} output channels", "rescale")
+                             f"{self.out_channels} output channels", "rescale")
 
     @property
     def rank(self):
         """The block size (LyCORIS picks it from lora_dim)."""
-        return int(self.tensors["oft_blocks"].shape[-1])
+        return int(self.tensors[self.blocks_key].shape[-1])
 
     @property
     def scale(self):
@@ -66,83 +70,63 @@ class DiagOFT(Adapter):
 
     @property
     def out_channels(self) -> int:
-        blocks = self.tensors["oft_blocks"]
-        return int(blocks.shape[0] * blocks.shape[1])
+        blocks = self.tensors[self.blocks_key]
+        return int(blocks.shape[-3] * blocks.shape[-1])
 
     def check_weight(self, weight_shape):
         if weight_shape[0] != self.out_channels:
             raise self.error(f"the rotation blocks cover {self.out_channels} output channels, "
-                             f"the model's weight is {list(weight_shape)}", "oft_blocks")
+                             f"the model's weight is {list(weight_shape)}", self.blocks_key)
 
     def rotation(self, strength: float) -> torch.Tensor:
-        """Per-block R_m (n, bs, bs) with the constraint alpha * O (alpha 0 or absent: none)."""
+        """R_m per block with the constraint alpha * O over all blocks (alpha 0 or absent: none)."""
         alpha = self.alpha or 0.0
-        return interpolate(cayley(self.t("oft_blocks"), alpha * self.out_channels), strength)
+        return interpolate(cayley(self.t(self.blocks_key), alpha * self.out_channels), strength)
 
-    def rescale_vector(self):
+    def rotate_rows(self, rows: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        """Diag-OFT on dim 0 of `rows` (O, ...): block k becomes R_k^T times it."""
+        n, bs, _ = rotation.shape
+        out = torch.einsum("kij,kin->kjn", rotation, rows.reshape(n, bs, -1))
+        return out.reshape(rows.shape)
+
+    def _rescaled(self, rows: torch.Tensor) -> torch.Tensor:
         rescale = self.t("rescale")
-        return None if rescale is None else rescale.reshape(-1)
+        if rescale is None:
+            return rows
+        return rows * rescale.to(rows.dtype).reshape([-1] + [1] * (rows.dim() - 1))
 
     def patch(self, weight, strength=1.0, bias=None, inplace=False):
         self.check_weight(weight.shape)
         w = weight.to(COMPUTE_DTYPE)
-        r = self.rotation(strength)
-        n, bs, _ = r.shape
-        blocks = w.reshape(n, bs, -1)
-        out = torch.einsum("kij,kin->kjn", r, blocks).reshape(w.shape)  # W'_k = R_k^T W_k
-        rescale = self.rescale_vector()
-        if rescale is not None:
-            out = out * rescale.reshape([-1] + [1] * (w.dim() - 1))
+        out = self._rescaled(self.rotate_rows(w, self.rotation(strength)))
         return out, None if bias is None else bias.to(COMPUTE_DTYPE)
 
     def bypass_needs_weight(self):
         return False
 
     def bypass(self, x, y, weight, bias, geometry, strength=1.0):
-        """Rotate the channels of (y - b) by R_m^T blockwise, rescale, add b back."""
-        r = self.rotation(strength).to(y.dtype)
-        n, bs, _ = r.shape
-        out = y if bias is None else y - channel_view(bias.to(y.dtype), y, geometry.linear)
-        moved = out if geometry.linear else out.movedim(1, -1)
-        rotated = torch.einsum("kij,...ki->...kj", r, moved.reshape(*moved.shape[:-1], n, bs))
-        rotated = rotated.reshape(moved.shape)
-        rescale = self.rescale_vector()
-        if rescale is not None:
-            rotated = rotated * rescale.to(y.dtype)
-        out = rotated if geometry.linear else rotated.movedim(-1, 1)
-        return out if bias is None else out + channel_view(bias.to(y.dtype), out, geometry.linear)
+        """The same rotation on the channels of (y - b), then rescale, then b back."""
+        b = None if bias is None else channel_view(bias.to(y.dtype), y, geometry.linear)
+        out = y if b is None else y - b
+        channels = out.movedim(-1 if geometry.linear else 1, 0)
+        mixed = self._rescaled(self.rotate_rows(channels, self.rotation(strength).to(y.dtype)))
+        out = mixed.movedim(0, -1 if geometry.linear else 1)
+        return out if b is None else out + b
 
 
 class LegacyOFT(DiagOFT):
     """LyCORIS 2.0 `oft_diag`: the finished rotation R per block (constraint and any rescale
     already folded in); strength interpolates it, W'_k = (m R_k + (1 - m) I)^T W_k."""
 
-    algo = "diag-oft"
     suffixes = ("oft_diag",)
+    blocks_key = "oft_diag"
 
     @classmethod
     def detect(cls, tensors):
         return "oft_diag" in tensors
 
-    def validate(self):
-        blocks = self.require("oft_diag", (3,))
-        if blocks.shape[1] != blocks.shape[2]:
-            raise self.error(f"expected square blocks (n, bs, bs), found {list(blocks.shape)}", "oft_diag")
-
-    @property
-    def out_channels(self) -> int:
-        blocks = self.tensors["oft_diag"]
-        return int(blocks.shape[0] * blocks.shape[1])
-
-    @property
-    def rank(self):
-        return int(self.tensors["oft_diag"].shape[-1])
-
     def rotation(self, strength):
         return interpolate(self.t("oft_diag"), strength)
-
-    def rescale_vector(self):
-        return None
 
 
 class PeftOFT(Adapter):
