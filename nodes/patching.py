@@ -29,6 +29,12 @@ class LoadReport:
     bypassed: int = 0
     targets: dict[str, str] = field(default_factory=dict)  # module -> "model" | "clip"
 
+    def count_bypass(self, adapter, geometry) -> None:
+        self.bypassed += 1
+        if adapter.bypass_is_dense(geometry):
+            label = adapter.algo + ("+dora" if adapter.has_dora else "")
+            self.bypass_dense[label] = self.bypass_dense.get(label, 0) + 1
+
     def text(self, adapter_file, strengths: str) -> str:
         c = self.coverage
         lines = [
@@ -50,14 +56,6 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _state_dict_shapes(patcher) -> dict:
-    return {k: v.shape for k, v in patcher.model.state_dict().items()}
-
-
-def _weights(patcher) -> dict:
-    return patcher.model.state_dict()
-
-
 def apply_adapter_file(model, clip, adapter_file, strength_model: float, strength_clip: float, mode: str = "merge"):
     """(new model, new clip, LoadReport). A side with strength 0 (or None input) is left as is.
 
@@ -68,7 +66,7 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
     """
     use_model = model is not None and strength_model != 0
     use_clip = clip is not None and strength_clip != 0
-    key_map = build_key_map(model if model is not None else None, clip if clip is not None else None)
+    key_map = build_key_map(model, clip)
     sides = {}
     if model is not None:
         sides["model"] = (model.model.state_dict(), float(strength_model), use_model)
@@ -104,28 +102,19 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
         try:
             base = weights[key] if offset is None else weights[key].narrow(*offset)
             adapter.check_weight(base.shape)
-            if not active:
-                coverage.matched[module] = key
-                report.targets[module] = side
-                continue
-            if mode == "bypass" and key.endswith(".weight"):
-                layer = _bypassable_layer(owners[side], key[: -len(".weight")], adapter)
-                if layer is not None:
-                    bypassed[side].append((key[: -len(".weight")], adapter, strength, offset))
-                    report.bypassed += 1
-                    if adapter.bypass_is_dense(LayerGeometry.of(layer)):
-                        label = adapter.algo + ("+dora" if adapter.has_dora else "")
-                        report.bypass_dense[label] = report.bypass_dense.get(label, 0) + 1
-                    coverage.matched[module] = key
-                    report.targets[module] = side
-                    continue
-            _add(patches[side], adapter, target, key, offset, base, weights, strength, bias=False)
-            bias_key = key[: -len("weight")] + "bias" if key.endswith(".weight") else None
-            if adapter.changes_bias() and bias_key in weights:
-                bias_base = weights[bias_key] if offset is None else weights[bias_key].narrow(0, offset[1], offset[2])
-                bias_target = bias_key if offset is None else (bias_key, (0, offset[1], offset[2]))
-                _add(patches[side], adapter, bias_target, bias_key, None if offset is None else (0, offset[1], offset[2]),
-                     bias_base, weights, strength, bias=True)
+            layer = _bypassable_layer(owners[side], key, adapter) if active and mode == "bypass" else None
+            if layer is not None:
+                bypassed[side].append((key[: -len(".weight")], adapter, strength, offset))
+                report.count_bypass(adapter, LayerGeometry.of(layer))
+            elif active:
+                _add(patches[side], adapter, target, key, offset, base, weights, strength, bias=False)
+                bias_key = key[: -len("weight")] + "bias" if key.endswith(".weight") else None
+                if adapter.changes_bias() and bias_key in weights:
+                    bias_offset = None if offset is None else (0, offset[1], offset[2])
+                    bias_base = weights[bias_key] if offset is None else weights[bias_key].narrow(*bias_offset)
+                    bias_target = bias_key if offset is None else (bias_key, bias_offset)
+                    _add(patches[side], adapter, bias_target, bias_key, bias_offset, bias_base, weights, strength,
+                         bias=True)
         except AdapterFormatError as error:
             coverage.problems.append(str(error))
             continue
@@ -178,12 +167,13 @@ def _patcher(owner):
     return getattr(owner, "patcher", owner)
 
 
-def _bypassable_layer(owner, path: str, adapter):
-    """The Linear/Conv module at `path`, or None when bypass cannot serve it (norms, embeddings)."""
-    if adapter.algo == "norm":
+def _bypassable_layer(owner, key: str, adapter):
+    """The Linear/Conv module whose weight is `key`, or None when bypass cannot serve it (norms,
+    embeddings, biases)."""
+    if adapter.algo == "norm" or not key.endswith(".weight"):
         return None
     try:
-        module = comfy.utils.get_attr(_patcher(owner).model, path)
+        module = comfy.utils.get_attr(_patcher(owner).model, key[: -len(".weight")])
     except AttributeError:
         return None
     return module if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) else None

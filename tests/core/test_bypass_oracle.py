@@ -62,7 +62,7 @@ def test_tlora_bypass_applies_the_trainers_timestep_mask(tmp_path, timestep):
     """lycoris-lora's own masked forward (set_timestep_mask + compute_timestep_mask) is the truth."""
     import copy
 
-    from lycoris import LycorisNetwork, create_lycoris
+    from lycoris import create_lycoris
     from lycoris.modules.tlora import clear_timestep_mask, compute_timestep_mask, set_timestep_mask
 
     from lycoris_core.algos.tlora import current_timestep
