@@ -67,6 +67,153 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _report(result, out: str) -> None:
+    for line in result.report_lines():
+        print(line)
+    print(f"wrote {out}")
+
+
+def _patterns(items, label: str, cast) -> dict:
+    patterns = {}
+    for item in items or ():
+        regex, sep, number = item.rpartition("=")
+        if not sep or not regex:
+            raise ValueError(f"{label} '{item}' is not REGEX=NUMBER")
+        try:
+            patterns[regex] = cast(number)
+        except ValueError:
+            raise ValueError(f"{label} '{item}': '{number}' is not a number") from None
+    return patterns
+
+
+def _one_line(command):
+    """Numerical failures (e.g. an SVD that does not converge even in fp64) as one-line errors."""
+    def run(args) -> int:
+        try:
+            return command(args)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(str(error)) from error
+    return run
+
+
+@_one_line
+def cmd_extract(args) -> int:
+    from .extract import extract
+
+    result = extract(
+        args.base, args.tuned, args.out, mode=args.mode, value=args.value,
+        rank=args.rank if args.rank is not None else (32 if args.mode == "fixed" else None),
+        conv_rank=args.conv_rank, tucker=args.tucker, algo=args.algo, factor=args.factor, dtype=args.dtype,
+        rank_pattern=_patterns(args.rank_pattern, "--rank-pattern", int),
+        alpha_pattern=_patterns(args.alpha_pattern, "--alpha-pattern", float),
+        min_change=args.min_change, device=args.device, progress=Progress("extract"),
+    )
+    _report(result, args.out)
+    return 0
+
+
+@_one_line
+def cmd_resize(args) -> int:
+    from .resize import resize
+
+    if args.energy is not None:
+        mode, value = "energy", args.energy
+    else:
+        mode, value = args.mode, args.value
+    if mode == "fixed" and args.rank is None:
+        raise ValueError("resize needs --rank N or --energy X (or --mode with --value)")
+    result = resize(args.file, args.out, mode=mode, value=value, rank=args.rank, conv_rank=args.conv_rank,
+                    rank_pattern=_patterns(args.rank_pattern, "--rank-pattern", int), dtype=args.dtype,
+                    progress=Progress("resize"))
+    _report(result, args.out)
+    return 0
+
+
+@_one_line
+def cmd_slice(args) -> int:
+    from .dylora import slice_dylora
+
+    result = slice_dylora(args.file, args.rank, args.out, alpha_policy=args.alpha_policy, unit=args.unit,
+                          dtype=args.dtype, progress=Progress("slice"))
+    print(f"alpha policy: {result.metadata['lycoris_pack.alpha_policy']} "
+          f"(trainer: {result.metadata['lycoris_pack.trainer']}, rank step {result.metadata['lycoris_pack.rank_step']})")
+    _report(result, args.out)
+    return 0
+
+
+@_one_line
+def cmd_combine(args) -> int:
+    from .combine import combine
+
+    inputs = [parse_weighted(spec) for spec in args.files]
+    result = combine(inputs, args.out, rank=args.rank, conv_rank=args.conv_rank, mode=args.mode, value=args.value,
+                     base=args.base, dtype=args.dtype, progress=Progress("combine"))
+    _report(result, args.out)
+    return 0
+
+
+def add_utility_commands(sub) -> None:
+    """extract / resize / slice / combine (lycoris_core.extract, .resize, .dylora, .combine)."""
+    from .dylora import POLICIES
+    from .svd import DTYPES as OUT_DTYPES, MODES
+
+    p = sub.add_parser("extract", help="LoRA/LoCon (or LoKr) from a (base, fine-tuned) pair of state dicts")
+    p.add_argument("--base", required=True, help="base model (safetensors state dict)")
+    p.add_argument("--tuned", required=True, help="fine-tuned model with the same layer names")
+    p.add_argument("--out", required=True, help="output .safetensors (written atomically)")
+    p.add_argument("--mode", choices=MODES, default="fixed",
+                   help="rank rule: fixed N | threshold t (sigma > t) | ratio p (sigma > p*sigma1) | "
+                        "quantile q (nuclear share) | energy p (squared-Frobenius share); default fixed")
+    p.add_argument("--rank", type=int, help="fixed mode: rank of Linear/1x1 layers (default 32); other modes: cap")
+    p.add_argument("--conv-rank", type=int, help="k x k convs (default: --rank; 0 skips them)")
+    p.add_argument("--value", type=float, help="the threshold / ratio / quantile / energy of --mode")
+    p.add_argument("--dtype", choices=sorted(OUT_DTYPES), default="fp16", help="output dtype (default fp16)")
+    p.add_argument("--tucker", action="store_true", help="k x k convs as Tucker-2 (lora_mid) by HOSVD")
+    p.add_argument("--algo", choices=("lora", "lokr"), default="lora", help="lokr: nearest Kronecker product")
+    p.add_argument("--factor", type=int, default=-1, help="LoKr factor (LyCORIS factorization; -1: balanced)")
+    p.add_argument("--rank-pattern", action="append", metavar="REGEX=N",
+                   help="fixed rank for layers whose dotted path matches REGEX (0 skips them); repeatable")
+    p.add_argument("--alpha-pattern", action="append", metavar="REGEX=A", help="alpha for matching layers")
+    p.add_argument("--min-change", type=float, default=0.0,
+                   help="skip layers with ||tuned-base|| <= this share of ||base|| (default: only identical)")
+    p.add_argument("--device", help="torch device for the SVDs (default cpu)")
+    p.set_defaults(run=cmd_extract)
+
+    p = sub.add_parser("resize", help="lower the rank of a LoRA/LoCon file (fixed rank or kept energy)")
+    p.add_argument("file")
+    p.add_argument("--out", required=True, help="output .safetensors (written atomically)")
+    p.add_argument("--rank", type=int, help="new rank (with --energy or another --mode: a cap)")
+    p.add_argument("--energy", type=float, help="keep this share of each layer's squared Frobenius norm")
+    p.add_argument("--value", type=float, help="value of --mode (threshold / ratio / quantile / energy)")
+    p.add_argument("--mode", choices=MODES, default="fixed")
+    p.add_argument("--conv-rank", type=int, help="new rank of k x k convs (default: --rank)")
+    p.add_argument("--rank-pattern", action="append", metavar="REGEX=N", help="fixed rank for matching modules")
+    p.add_argument("--dtype", choices=sorted(OUT_DTYPES), help="output dtype (default: as stored)")
+    p.set_defaults(run=cmd_resize)
+
+    p = sub.add_parser("slice", help="keep the first N ranks of a DyLoRA file")
+    p.add_argument("file")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--out", required=True, help="output .safetensors (written atomically)")
+    p.add_argument("--alpha-policy", choices=POLICIES, default="trainer",
+                   help="trainer (default: what the file's trainer computed at this rank), sds-train, "
+                        "lycoris-train, kohya-extractor (alpha kept), webui-dyn (alpha/dim kept)")
+    p.add_argument("--unit", type=int, help="rank step (default: unit / block_size from the metadata)")
+    p.add_argument("--dtype", choices=sorted(OUT_DTYPES), help="output dtype (default: as stored)")
+    p.set_defaults(run=cmd_slice)
+
+    p = sub.add_parser("combine", help="several adapters with weights into one (exact, or SVD to a rank)")
+    p.add_argument("files", nargs="+", metavar="FILE[:WEIGHT]")
+    p.add_argument("--out", required=True, help="output .safetensors (written atomically)")
+    p.add_argument("--rank", type=int, help="re-factorise to this rank (default: exact concatenation)")
+    p.add_argument("--conv-rank", type=int, help="rank of k x k convs in SVD mode (default: --rank)")
+    p.add_argument("--mode", choices=MODES, default="fixed", help="rank rule in SVD mode")
+    p.add_argument("--value", type=float, help="value of --mode")
+    p.add_argument("--base", help="base model: needed for DoRA/GLoRA/OFT/BOFT/IA3 inputs")
+    p.add_argument("--dtype", choices=sorted(OUT_DTYPES), help="output dtype (default: the first input's)")
+    p.set_defaults(run=cmd_combine)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lycoris_core", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of floating-point tensors in the output "
                    "(default: as in the base)")
     p.set_defaults(run=cmd_merge)
+
+    add_utility_commands(sub)
     return parser
 
 

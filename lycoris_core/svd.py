@@ -131,14 +131,17 @@ def svd_topk(a: torch.Tensor, k: int, *, niter: int = 2) -> tuple[torch.Tensor, 
     Randomized (`torch.svd_lowrank`, q = max(2k, k+10) oversampling, `niter` power iterations)
     when q is well below min(m, n); exact otherwise or if the randomized one fails. The randomized
     result is an orthogonal projection U U^T a, so ||a - U S Vh||^2 = ||a||^2 - ||S||^2 exactly;
-    callers measure the error anyway.
+    callers measure the error anyway. Seeded, so repeated runs give identical factors.
     """
     m, n = a.shape
     k = max(0, min(k, m, n))
     q = max(2 * k, k + 10)
     if k > 0 and q <= min(m, n) // 2:
         try:
-            u, s, v = torch.svd_lowrank(a, q=q, niter=niter)
+            # fixed seed, caller's RNG untouched: the same inputs always give the same file
+            with torch.random.fork_rng(devices=[a.device] if a.device.type == "cuda" else []):
+                torch.manual_seed(0)
+                u, s, v = torch.svd_lowrank(a, q=q, niter=niter)
             if torch.isfinite(s).all():
                 return u[:, :k], s[:k], v[:, :k].T
         except (RuntimeError, torch.linalg.LinAlgError):
@@ -154,7 +157,7 @@ def truncate(a: torch.Tensor, rule: RankRule) -> tuple[torch.Tensor, torch.Tenso
     share is sum(S_k^2) / ||a||_F^2 (exact for both paths, see `svd_topk`).
     """
     m, n = a.shape
-    total = float(a.double().pow(2).sum())
+    total = float(torch.linalg.vector_norm(a)) ** 2  # fp32 norm: no fp64 copy of a big matrix
     if rule.needs_spectrum:
         u, s, vh = svd_full(a)
         k = choose_rank(s, rule, m, n)
@@ -222,3 +225,111 @@ def hosvd_tucker2(delta: torch.Tensor, rank: int, *, iterations: int = 2):
         u_out = svd_topk(proj.reshape(out_ch, -1), r)[0]
     mid = torch.einsum("oikl,or,is->rskl", delta, u_out, u_in)
     return u_out, mid, u_in.T
+
+
+# -- what every utility reports --------------------------------------------------------------
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(value) -> torch.dtype | None:
+    """`"fp16"`/`torch.float16`/None -> torch dtype (None: keep)."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    try:
+        return DTYPES[str(value).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype '{value}' (choose from {', '.join(DTYPES)})") from None
+
+
+@dataclass
+class LayerReport:
+    """One output module: its rank and how well it reproduces its target delta.
+
+    `rel_error` = ||target - stored||_F / ||target||_F measured on the tensors as written (after
+    the dtype cast); `energy_kept` = the share of ||target||_F^2 kept by the truncation before
+    the cast (None where not defined, e.g. exact concatenation).
+    """
+
+    name: str
+    source: str
+    shape: tuple
+    rank: int | None
+    rel_error: float
+    energy_kept: float | None = None
+    norm: float = 0.0  # ||target||_F, weights the file-level error
+    method: str = ""
+    alpha: float | None = None
+
+    def line(self) -> str:
+        kept = "" if self.energy_kept is None else f" kept {100 * self.energy_kept:.2f}%"
+        rank = "-" if self.rank is None else str(self.rank)
+        return f"{self.name}: rank {rank}, rel. error {self.rel_error:.3e}{kept} ({self.method})"
+
+
+def error_summary(layers: list[LayerReport]) -> dict:
+    """File-level numbers: mean/max relative error, the norm-weighted total error
+    sqrt(sum err_i^2 ||D_i||^2 / sum ||D_i||^2), and the worst 10 layers."""
+    if not layers:
+        return {"layers": 0}
+    errors = [l.rel_error for l in layers]
+    weight = sum(l.norm ** 2 for l in layers)
+    total = math.sqrt(sum((l.rel_error * l.norm) ** 2 for l in layers) / weight) if weight > 0 else 0.0
+    worst = sorted(layers, key=lambda l: -l.rel_error)[:10]
+    return {
+        "layers": len(layers),
+        "mean_rel_error": sum(errors) / len(errors),
+        "max_rel_error": max(errors),
+        "weighted_rel_error": total,
+        "worst": [[l.name, round(l.rel_error, 6)] for l in worst],
+    }
+
+
+def rank_summary(layers: list[LayerReport]) -> dict:
+    ranks = [l.rank for l in layers if l.rank is not None]
+    if not ranks:
+        return {}
+    counts: dict[int, int] = {}
+    for r in ranks:
+        counts[r] = counts.get(r, 0) + 1
+    return {"min": min(ranks), "max": max(ranks), "mean": round(sum(ranks) / len(ranks), 3),
+            "histogram": {str(k): v for k, v in sorted(counts.items())}}
+
+
+def pattern_lookup(patterns: dict | None, module_path: str):
+    """PEFT `rank_pattern`/`alpha_pattern` semantics: the first regex (in order) that matches the
+    dotted module path at a path boundary and at its end wins; None when none does."""
+    from .keys import pattern_matches
+
+    for pattern, value in (patterns or {}).items():
+        if pattern_matches(pattern, module_path):
+            return value
+    return None
+
+
+def tucker_for_rule(delta: torch.Tensor, rule: RankRule, max_rank: int | None = None):
+    """(up, mid, down, kept energy share) of the HOSVD Tucker-2 of a conv delta under `rule`.
+
+    The rank is read from the spectrum of the (out, in*kh*kw) unfolding; in energy mode it then
+    grows until the Tucker approximation itself keeps the share (a Tucker-2 at rank k keeps less
+    than the rank-k LoCon of the same unfolding). `max_rank` also caps (e.g. the input rank).
+    Returns None for rank 0.
+    """
+    out_ch, in_ch = delta.shape[:2]
+    limit = min(out_ch, in_ch, max_rank or out_ch)
+    if rule.max_rank is not None:
+        limit = min(limit, rule.max_rank)
+    if rule.needs_spectrum:
+        k = choose_rank(svd_full(delta.reshape(out_ch, -1))[1], rule, out_ch, in_ch)
+    else:
+        k = rule.fixed_rank(out_ch, in_ch)
+    k = min(k, limit)
+    if k == 0:
+        return None
+    total = float(delta.double().pow(2).sum())
+    while True:
+        up, mid, down = hosvd_tucker2(delta, k)
+        kept = float(mid.double().pow(2).sum()) / total if total > 0 else 1.0
+        if rule.mode != "energy" or kept >= rule.value * (1 - 1e-9) or k >= limit:
+            return up, mid, down, min(kept, 1.0)
+        k += 1
