@@ -1,12 +1,19 @@
 """The ComfyUI layer: node classes only translate between ComfyUI objects and lycoris_core."""
 
 from .loader import LycorisLoader, LycorisLoaderModelOnly
+from .utilities import LycorisCombine, LycorisDyLoRASlice, LycorisResize
 
 NODE_CLASS_MAPPINGS = {
     "LycorisLoader": LycorisLoader,
     "LycorisLoaderModelOnly": LycorisLoaderModelOnly,
+    "LycorisResize": LycorisResize,
+    "LycorisDyLoRASlice": LycorisDyLoRASlice,
+    "LycorisCombine": LycorisCombine,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LycorisLoader": "Load LyCORIS",
     "LycorisLoaderModelOnly": "Load LyCORIS (model only)",
+    "LycorisResize": "Resize LyCORIS",
+    "LycorisDyLoRASlice": "Slice DyLoRA",
+    "LycorisCombine": "Combine LyCORIS",
 }

@@ -1,0 +1,155 @@
+"""Adapter utilities as nodes: resize, DyLoRA slice and combine, from files in the loras folders
+to a new file there (sanitised name, atomic write, progress bar, report as text)."""
+
+from __future__ import annotations
+
+import comfy.utils
+import folder_paths
+
+from ..lycoris_core import AdapterFormatError
+from ..lycoris_core.combine import combine
+from ..lycoris_core.dylora import POLICIES, slice_dylora
+from ..lycoris_core.resize import resize
+from ..lycoris_core.safe_io import safe_output_path
+from .loader import _adapter_path
+
+CATEGORY = "loaders/lycoris/utilities"
+MODES = ["fixed", "energy", "ratio", "threshold", "quantile"]
+NONE = "none"
+
+
+def _output(name: str) -> str:
+    """Where a new adapter goes: the first loras folder, under a sanitised name."""
+    folder = folder_paths.get_folder_paths("loras")[0]
+    return str(safe_output_path(folder, name))
+
+
+def _progress():
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = comfy.utils.ProgressBar(max(total, 1))
+        bar.update_absolute(done, max(total, 1))
+
+    return update
+
+
+def _finish(result, out_path: str, title: str):
+    """Write the result and refresh ComfyUI's file list so the new file can be picked at once."""
+    result.save(out_path)
+    cache = getattr(folder_paths, "filename_list_cache", None)
+    if isinstance(cache, dict):
+        cache.pop("loras", None)
+    text = "\n".join([f"{title}: wrote {out_path}"] + result.report_lines())
+    return {"ui": {"text": [text]}, "result": (text,)}
+
+
+def _run(title: str, work):
+    try:
+        return work()
+    except (AdapterFormatError, ValueError) as error:
+        raise ValueError(f"{title}: {error}") from None
+
+
+def _lora_list():
+    return folder_paths.get_filename_list("loras")
+
+
+OUTPUT_NAME = ("STRING", {"default": "lycoris_out", "tooltip": "File name for the result in the loras folder "
+                          "(sanitised; .safetensors is added). An existing file of that name is replaced."})
+
+
+class LycorisResize:
+    DESCRIPTION = ("Lowers the rank of a LoRA/LoCon file (incl. Tucker) by SVD: a fixed rank or the share of "
+                   "the delta's energy to keep. Reports the relative error of every layer.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    OUTPUT_TOOLTIPS = ("Per-layer ranks and relative errors.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "lycoris_name": (_lora_list(), {"tooltip": "The LoRA/LoCon file to resize."}),
+            "mode": (MODES, {"default": "fixed", "tooltip": "fixed: `rank`; energy: keep `value` of the squared "
+                             "singular values; ratio: keep s > value*s1; threshold: keep s > value; quantile: "
+                             "smallest rank whose singular values sum to `value` of the total."}),
+            "rank": ("INT", {"default": 16, "min": 1, "max": 4096, "tooltip": "The new rank (fixed mode) or the "
+                             "largest rank allowed (other modes)."}),
+            "value": ("FLOAT", {"default": 0.95, "min": 0.0, "max": 1e6, "step": 0.001,
+                                "tooltip": "The mode's parameter (ignored in fixed mode)."}),
+            "output_name": OUTPUT_NAME,
+        }}
+
+    def run(self, lycoris_name, mode, rank, value, output_name):
+        title = "LyCORIS resize"
+        return _run(title, lambda: _finish(resize(
+            _adapter_path(lycoris_name), mode=mode, value=None if mode == "fixed" else value, rank=rank,
+            progress=_progress()), _output(output_name), title))
+
+
+class LycorisDyLoRASlice:
+    DESCRIPTION = ("Keeps the first `rank` components of a DyLoRA file (sd-scripts networks.dylora or "
+                   "lycoris-lora dylora) with an explicit alpha policy; the report says which one was used.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    OUTPUT_TOOLTIPS = ("Per-layer differences to the full adapter and the alpha policy used.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "lycoris_name": (_lora_list(), {"tooltip": "The DyLoRA file."}),
+            "rank": ("INT", {"default": 8, "min": 1, "max": 4096, "tooltip": "Ranks to keep: a multiple of the "
+                             "file's rank step (unit / block_size)."}),
+            "alpha_policy": (list(POLICIES), {"default": "trainer", "tooltip": "trainer: what the trainer computed "
+                             "at this rank (read from the metadata); kohya-extractor: alpha kept (sd-scripts' "
+                             "extractor); webui-dyn: alpha scaled by rank/dim (sd-webui dyn=)."}),
+            "output_name": OUTPUT_NAME,
+        }}
+
+    def run(self, lycoris_name, rank, alpha_policy, output_name):
+        title = "LyCORIS DyLoRA slice"
+        return _run(title, lambda: _finish(slice_dylora(
+            _adapter_path(lycoris_name), rank, alpha_policy=alpha_policy, progress=_progress()),
+            _output(output_name), title))
+
+
+class LycorisCombine:
+    DESCRIPTION = ("Combines up to three adapters with weights into one file: exact rank concatenation for the "
+                   "LoRA family (rank 0), or an SVD re-factorisation of the summed deltas to `rank`.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    OUTPUT_TOOLTIPS = ("Per-layer ranks and relative errors of the combined file.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        weight = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01, "tooltip": "Strength of this input."}
+        names = _lora_list()
+        return {"required": {
+            "lycoris_name_1": (names, {"tooltip": "First adapter."}),
+            "weight_1": ("FLOAT", weight),
+            "lycoris_name_2": (names, {"tooltip": "Second adapter."}),
+            "weight_2": ("FLOAT", weight),
+            "lycoris_name_3": ([NONE] + names, {"default": NONE, "tooltip": "Optional third adapter."}),
+            "weight_3": ("FLOAT", weight),
+            "rank": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip": "0: exact (ranks add up); otherwise "
+                             "every layer is re-factorised to this rank by SVD."}),
+            "output_name": OUTPUT_NAME,
+        }}
+
+    def run(self, lycoris_name_1, weight_1, lycoris_name_2, weight_2, lycoris_name_3, weight_3, rank, output_name):
+        title = "LyCORIS combine"
+        inputs = [(lycoris_name_1, weight_1), (lycoris_name_2, weight_2), (lycoris_name_3, weight_3)]
+        inputs = [(_adapter_path(name), weight) for name, weight in inputs if name != NONE]
+        return _run(title, lambda: _finish(combine(inputs, rank=rank or None, progress=_progress()),
+                                           _output(output_name), title))

@@ -1,0 +1,69 @@
+"""Resize / DyLoRA slice / combine nodes: files from the loras folder to a new, sanitised file there."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tiny_models import lycoris_file, tiny_sd15
+
+
+@pytest.fixture
+def loras(pack, tmp_path):
+    from comfyui_runtime import use_loras_folder
+
+    use_loras_folder(tmp_path)
+    return tmp_path
+
+
+def _node(pack, name):
+    return pack.NODE_CLASS_MAPPINGS[name]()
+
+
+def test_resize_node_writes_a_lower_rank_file(pack, loras):
+    from lycoris_pack.lycoris_core import load_adapter_file
+
+    model = tiny_sd15()
+    lycoris_file(model.model.diffusion_model, loras / "big.safetensors", "lora_unet_", "lora", linear_dim=8,
+                 linear_alpha=4)
+    out = _node(pack, "LycorisResize").run("big.safetensors", "fixed", 2, 0.0, "../small")
+    report = out["result"][0]
+    written = loras / "small.safetensors"  # the '../' never leaves the loras folder
+    assert written.is_file() and not (loras.parent / "small.safetensors").exists(), report
+    assert load_adapter_file(written).ranks() == [2]
+    assert "relative error" in report and out["ui"]["text"] == [report]
+
+
+def test_combine_node_is_exact_by_concatenation(pack, loras):
+    from lycoris_pack.lycoris_core import load_adapter_file, merge_into_state_dict
+
+    model = tiny_sd15()
+    root = model.model.diffusion_model
+    lycoris_file(root, loras / "a.safetensors", "lora_unet_", "lora", seed=1)
+    lycoris_file(root, loras / "b.safetensors", "lora_unet_", "lora", seed=2)
+    _node(pack, "LycorisCombine").run("a.safetensors", 0.5, "b.safetensors", -1.2, "none", 1.0, 0, "ab")
+    base = {k: v.clone() for k, v in root.state_dict().items()}
+    one, _ = merge_into_state_dict(base, [(load_adapter_file(loras / "ab.safetensors"), 1.0)])
+    two, _ = merge_into_state_dict(base, [(load_adapter_file(loras / "a.safetensors"), 0.5),
+                                          (load_adapter_file(loras / "b.safetensors"), -1.2)])
+    for key in base:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-6)
+
+
+def test_dylora_slice_node_names_its_alpha_policy(pack, loras):
+    from lycoris_pack.lycoris_core import load_adapter_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"lora_unet_x.lora_down.weight": torch.randn(8, 16, generator=g),
+               "lora_unet_x.lora_up.weight": torch.randn(32, 8, generator=g), "lora_unet_x.alpha": torch.tensor(4.0)}
+    save_file(tensors, str(loras / "dy.safetensors"),
+              {"ss_network_module": "networks.dylora", "ss_network_args": json.dumps({"unit": "2"})})
+    report = _node(pack, "LycorisDyLoRASlice").run("dy.safetensors", 4, "kohya-extractor", "dy4")["result"][0]
+    sliced = load_adapter_file(loras / "dy4.safetensors")
+    assert sliced.ranks() == [4] and sliced.adapters["lora_unet_x"].alpha == 4.0
+    assert "kohya-extractor" in json.dumps(sliced.metadata) or "kohya-extractor" in report
+    with pytest.raises(ValueError, match="DyLoRA slice"):
+        _node(pack, "LycorisDyLoRASlice").run("dy.safetensors", 3, "trainer", "dy3")  # not a multiple of unit
