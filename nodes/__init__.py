@@ -1,7 +1,7 @@
 """The ComfyUI layer: node classes only translate between ComfyUI objects and lycoris_core."""
 
 from .loader import LycorisLoader, LycorisLoaderModelOnly
-from .utilities import LycorisCombine, LycorisDyLoRASlice, LycorisResize
+from .utilities import LycorisCombine, LycorisDyLoRASlice, LycorisExtract, LycorisResize
 
 NODE_CLASS_MAPPINGS = {
     "LycorisLoader": LycorisLoader,
@@ -9,6 +9,7 @@ NODE_CLASS_MAPPINGS = {
     "LycorisResize": LycorisResize,
     "LycorisDyLoRASlice": LycorisDyLoRASlice,
     "LycorisCombine": LycorisCombine,
+    "LycorisExtract": LycorisExtract,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LycorisLoader": "Load LyCORIS",
@@ -16,4 +17,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LycorisResize": "Resize LyCORIS",
     "LycorisDyLoRASlice": "Slice DyLoRA",
     "LycorisCombine": "Combine LyCORIS",
+    "LycorisExtract": "Extract LyCORIS",
 }

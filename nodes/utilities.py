@@ -9,9 +9,11 @@ import folder_paths
 from ..lycoris_core import AdapterFormatError
 from ..lycoris_core.combine import combine
 from ..lycoris_core.dylora import POLICIES, slice_dylora
+from ..lycoris_core.extract import extract
 from ..lycoris_core.resize import resize
 from ..lycoris_core.safe_io import safe_output_path
 from .loader import _adapter_path
+from .weights import PatchedWeights, checkpoint_names
 
 CATEGORY = "loaders/lycoris/utilities"
 MODES = ["fixed", "energy", "ratio", "threshold", "quantile"]
@@ -153,3 +155,45 @@ class LycorisCombine:
         inputs = [(_adapter_path(name), weight) for name, weight in inputs if name != NONE]
         return _run(title, lambda: _finish(combine(inputs, rank=rank or None, progress=_progress()),
                                            _output(output_name), title))
+
+
+class LycorisExtract:
+    DESCRIPTION = ("Extracts the difference between a tuned and a base model (LoRAs loaded upstream count as "
+                   "tuning) into a LoRA/LoCon file with kohya names, choosing each layer's rank by a rule; "
+                   "unchanged layers are skipped and every layer's relative error is reported.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    OUTPUT_TOOLTIPS = ("Per-layer ranks and relative errors of the extracted file.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        resize_inputs = LycorisResize.INPUT_TYPES()["required"]
+        return {"required": {
+            "model_base": ("MODEL", {"tooltip": "The original model."}),
+            "model_tuned": ("MODEL", {"tooltip": "The fine-tuned (or LoRA-patched) model of the same architecture."}),
+            "mode": resize_inputs["mode"],
+            "rank": ("INT", {"default": 32, "min": 1, "max": 4096, "tooltip": "Rank of Linear / 1x1 layers (fixed "
+                             "mode) or the largest rank allowed (other modes)."}),
+            "conv_rank": ("INT", {"default": 16, "min": 0, "max": 4096, "tooltip": "The same for k x k convs; "
+                                  "0 leaves them out."}),
+            "value": resize_inputs["value"],
+            "tucker": ("BOOLEAN", {"default": False, "tooltip": "k x k convs as Tucker-2 (lora_mid) by HOSVD."}),
+            "output_name": OUTPUT_NAME,
+        }, "optional": {
+            "clip_base": ("CLIP", {"tooltip": "Extract the text encoder too: the original CLIP ..."}),
+            "clip_tuned": ("CLIP", {"tooltip": "... and the tuned one."}),
+        }}
+
+    def run(self, model_base, model_tuned, mode, rank, conv_rank, value, tucker, output_name,
+            clip_base=None, clip_tuned=None):
+        title = "LyCORIS extract"
+        if (clip_base is None) != (clip_tuned is None):
+            raise ValueError(f"{title}: connect both clip_base and clip_tuned, or neither")
+        base = PatchedWeights(checkpoint_names(model_base, clip_base))
+        tuned = PatchedWeights(checkpoint_names(model_tuned, clip_tuned))
+        return _run(title, lambda: _finish(extract(
+            base, tuned, mode=mode, value=None if mode == "fixed" else value, rank=rank, conv_rank=conv_rank,
+            tucker=tucker, progress=_progress()), _output(output_name), title))

@@ -67,3 +67,24 @@ def test_dylora_slice_node_names_its_alpha_policy(pack, loras):
     assert "kohya-extractor" in json.dumps(sliced.metadata) or "kohya-extractor" in report
     with pytest.raises(ValueError, match="DyLoRA slice"):
         _node(pack, "LycorisDyLoRASlice").run("dy.safetensors", 3, "trainer", "dy3")  # not a multiple of unit
+
+
+def test_extract_node_recovers_a_loaded_lora(pack, loras, tmp_path):
+    """Base model vs the same model with a LoRA loaded upstream: the extracted file, loaded on
+    the base, gives back the tuned weights (fp16 output: within fp16 rounding of the delta)."""
+    from lycoris_pack.nodes.weights import patched_weight
+
+    model = tiny_sd15()
+    lycoris_file(model.model.diffusion_model, loras / "planted.safetensors", "lora_unet_", "locon",
+                 conv_dim=4, conv_alpha=2)
+    loader = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
+    tuned = loader.load(model, "planted.safetensors", 1.0, "merge")["result"][0]
+    report = _node(pack, "LycorisExtract").run(model, tuned, "fixed", 8, 8, 0.0, False, "extracted")["result"][0]
+    assert (loras / "extracted.safetensors").is_file(), report
+    reloaded = loader.load(model, "extracted.safetensors", 1.0, "merge")["result"][0]
+    assert "0 unmatched" in loader.load(model, "extracted.safetensors", 1.0, "merge")["result"][1]
+    worst = 0.0
+    for key in tuned.patches:
+        want, got, base = patched_weight(tuned, key), patched_weight(reloaded, key), model.model.state_dict()[key]
+        worst = max(worst, float((got - want).norm() / (want - base).norm()))
+    assert worst < 2e-3, (worst, report)

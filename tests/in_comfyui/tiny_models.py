@@ -93,15 +93,10 @@ def patched_state_dict(patcher) -> dict:
     """The weights ComfyUI computes for a patched ModelPatcher: its own calculate_weight on an fp32
     copy of each patched weight, cast back to the stored dtype, as ComfyUI does when it loads a
     model (recent runtimes may otherwise patch on the fly and leave the parameters as they are)."""
-    import comfy.lora
+    from lycoris_pack.nodes.weights import patched_weight
 
     weights = patcher.model.state_dict()
     out = {k: v.detach().clone() for k, v in weights.items()}
-    for key, patches in patcher.patches.items():
-        w = weights[key].detach().to(torch.float32, copy=True)
-        if hasattr(comfy.lora, "calculate_weight"):
-            w = comfy.lora.calculate_weight(patches, w, key)
-        else:  # the pinned March-2024 runtime keeps it on the ModelPatcher
-            w = patcher.calculate_weight(patches, w, key)
-        out[key] = w.to(weights[key].dtype)
+    for key in patcher.patches:
+        out[key] = patched_weight(patcher, key).to(weights[key].dtype)
     return out
