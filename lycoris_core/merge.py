@@ -21,13 +21,14 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Patches = dict[str, list[tuple[object, float, str]]]  # weight key -> [(adapter, strength, source)]
 
 
-def plan(adapters: Iterable[tuple[AdapterFile, float]], model_keys) -> tuple[Patches, list[Coverage]]:
-    """Which adapter patches which weight, in the order given, plus a coverage per file."""
+def plan(adapters: Iterable[tuple[AdapterFile, float]], model_keys, match=match_generic) -> tuple[Patches, list[Coverage]]:
+    """Which adapter patches which weight, in the order given, plus a coverage per file.
+    `match(adapter_file, keys) -> Coverage` maps module names to weight keys."""
     keys = list(model_keys)
     patches: Patches = {}
     coverages = []
     for adapter_file, strength in adapters:
-        coverage = match_generic(adapter_file, keys)
+        coverage = match(adapter_file, keys)
         coverages.append(coverage)
         for module, weight_key in coverage.matched.items():
             patches.setdefault(weight_key, []).append((adapter_file.adapters[module], float(strength), coverage))
@@ -94,13 +95,14 @@ def merge_into_state_dict(state_dict: dict, adapters, dtype: torch.dtype | None 
 
 
 def merge_files(base_path, adapters, out_path, dtype: torch.dtype | None = None,
-                progress: Callable[[int, int], None] | None = None) -> list[Coverage]:
-    """Stream `base_path` to `out_path` with `adapters` ([(AdapterFile, strength)]) baked in."""
+                progress: Callable[[int, int], None] | None = None, match=match_generic) -> list[Coverage]:
+    """Stream `base_path` to `out_path` with `adapters` ([(AdapterFile, strength)]) baked in.
+    `match` maps module names to the file's keys (default: generic name matching)."""
     from .safe_io import SafetensorsReader, write_tensors_streamed
 
     with SafetensorsReader(base_path) as reader:
         keys = reader.keys()
-        patches, coverages = plan(adapters, keys)
+        patches, coverages = plan(adapters, keys, match)
         for coverage in coverages:
             if not coverage.matched:
                 raise AdapterFormatError(

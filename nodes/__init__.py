@@ -1,5 +1,6 @@
 """The ComfyUI layer: node classes only translate between ComfyUI objects and lycoris_core."""
 
+from .checkpoint_merge import LycorisMergeToCheckpoint
 from .loader import LycorisLoader, LycorisLoaderModelOnly
 from .utilities import LycorisCombine, LycorisDyLoRASlice, LycorisExtract, LycorisResize
 
@@ -10,6 +11,7 @@ NODE_CLASS_MAPPINGS = {
     "LycorisDyLoRASlice": LycorisDyLoRASlice,
     "LycorisCombine": LycorisCombine,
     "LycorisExtract": LycorisExtract,
+    "LycorisMergeToCheckpoint": LycorisMergeToCheckpoint,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LycorisLoader": "Load LyCORIS",
@@ -18,4 +20,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LycorisDyLoRASlice": "Slice DyLoRA",
     "LycorisCombine": "Combine LyCORIS",
     "LycorisExtract": "Extract LyCORIS",
+    "LycorisMergeToCheckpoint": "Merge LyCORIS to checkpoint",
 }

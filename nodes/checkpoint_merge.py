@@ -1,0 +1,120 @@
+"""Merge to checkpoint: bake adapters into a checkpoint file, streamed layer by layer.
+
+Module names are mapped with ComfyUI's own key map for the checkpoint's architecture, built on
+the meta device from the file header (no weights are loaded), with the core's generic name
+matching for what that map does not cover (kohya ldm names, SD1 text-encoder names).
+"""
+
+from __future__ import annotations
+
+import comfy.lora
+import comfy.model_detection
+import folder_paths
+import torch
+
+from ..lycoris_core.keys import underscore_form
+from ..lycoris_core.matching import Coverage, layer_index
+from ..lycoris_core.merge import DTYPES, merge_files
+from ..lycoris_core.safe_io import SafetensorsReader, safe_output_path
+from .cache import load_cached
+from .key_map import resolve
+from .loader import _adapter_path
+from .utilities import NONE, _lora_list, _progress, _run
+
+UNET_PREFIX = "model.diffusion_model."
+
+
+def unet_key_map(path: str) -> dict:
+    """ComfyUI's LoRA name -> checkpoint key map for the file's diffusion model ({} if undetected)."""
+    with SafetensorsReader(path) as reader:
+        shapes = {k: torch.empty(reader.shape(k), dtype=reader.dtype(k), device="meta") for k in reader.keys()}
+    config = comfy.model_detection.model_config_from_unet(shapes, UNET_PREFIX)
+    if config is None:
+        return {}
+    with torch.device("meta"):
+        model = config.get_model(shapes, UNET_PREFIX, device=torch.device("meta"))
+    key_map = {}
+    for name, target in comfy.lora.model_lora_keys_unet(model, {}).items():
+        if isinstance(target, str) and target.startswith("diffusion_model."):  # fused slices: not in files
+            key_map[name] = "model." + target
+    return key_map
+
+
+# text encoders in HF layout inside checkpoints, and the kohya prefix that names them
+TEXT_ENCODER_PREFIXES = (("cond_stage_model.transformer.", "lora_te_"),
+                         ("conditioner.embedders.0.transformer.", "lora_te1_"))
+
+
+def checkpoint_matcher(key_map: dict):
+    """A `match(adapter_file, keys) -> Coverage` for lycoris_core.merge_files."""
+
+    def match(adapter_file, keys) -> Coverage:
+        index = layer_index(keys)
+        for key in keys:
+            for prefix, kohya in TEXT_ENCODER_PREFIXES:
+                if key.startswith(prefix) and key.endswith(".weight"):
+                    key_map.setdefault(kohya + key[len(prefix):-len(".weight")].replace(".", "_"), key)
+        coverage = Coverage(source=adapter_file.name, unknown_keys=list(adapter_file.unknown_keys),
+                            problems=list(adapter_file.problems),
+                            model_layers=sum(1 for k in keys if k.endswith(".weight")))
+        for module in adapter_file.adapters:
+            target = resolve(module, key_map) or index.get(underscore_form(module))
+            if target is None or target not in index.values():
+                coverage.unmatched.append(module)
+            else:
+                coverage.matched[module] = target
+        return coverage
+
+    return match
+
+
+class LycorisMergeToCheckpoint:
+    DESCRIPTION = ("Bakes up to three adapters (any LyCORIS algorithm) into a checkpoint file from the "
+                   "checkpoints folder and writes a new checkpoint there, layer by layer: memory stays at about "
+                   "one layer, NaN/Inf results are refused, the file appears only when complete.")
+    CATEGORY = "loaders/lycoris/utilities"
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    OUTPUT_TOOLTIPS = ("Coverage of each adapter on the checkpoint.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        strength = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01, "tooltip": "Strength of this adapter."}
+        names = _lora_list()
+        return {"required": {
+            "ckpt_name": (folder_paths.get_filename_list("checkpoints"), {"tooltip": "The checkpoint to bake into "
+                          "(.safetensors)."}),
+            "lycoris_name_1": (names, {"tooltip": "First adapter (applied first)."}),
+            "strength_1": ("FLOAT", strength),
+            "lycoris_name_2": ([NONE] + names, {"default": NONE, "tooltip": "Optional second adapter."}),
+            "strength_2": ("FLOAT", strength),
+            "lycoris_name_3": ([NONE] + names, {"default": NONE, "tooltip": "Optional third adapter."}),
+            "strength_3": ("FLOAT", strength),
+            "dtype": (["as stored"] + sorted(DTYPES), {"default": "as stored", "tooltip": "Dtype of the floating-"
+                      "point tensors in the new file; merging itself is done in fp32."}),
+            "output_name": ("STRING", {"default": "merged_lycoris", "tooltip": "File name in the checkpoints "
+                            "folder (sanitised; .safetensors is added). An existing file of that name is replaced."}),
+        }}
+
+    def run(self, ckpt_name, lycoris_name_1, strength_1, lycoris_name_2, strength_2, lycoris_name_3, strength_3,
+            dtype, output_name):
+        title = "LyCORIS merge to checkpoint"
+        base = folder_paths.get_full_path("checkpoints", ckpt_name)
+        if base is None:
+            raise ValueError(f"{title}: checkpoint '{ckpt_name}' is not in the checkpoints folders")
+        chosen = [(lycoris_name_1, strength_1), (lycoris_name_2, strength_2), (lycoris_name_3, strength_3)]
+
+        def work():
+            adapters = [(load_cached(_adapter_path(name)), s) for name, s in chosen if name != NONE]
+            out = str(safe_output_path(folder_paths.get_folder_paths("checkpoints")[0], output_name))
+            coverages = merge_files(base, adapters, out, dtype=DTYPES.get(dtype), progress=_progress(),
+                                    match=checkpoint_matcher(unet_key_map(base)))
+            cache = getattr(folder_paths, "filename_list_cache", None)
+            if isinstance(cache, dict):
+                cache.pop("checkpoints", None)
+            text = "\n".join([f"{title}: wrote {out}"] + [line for c in coverages for line in c.lines()])
+            return {"ui": {"text": [text]}, "result": (text,)}
+
+        return _run(title, work)
