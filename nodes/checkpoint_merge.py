@@ -19,7 +19,7 @@ from ..lycoris_core.safe_io import SafetensorsReader, safe_output_path
 from .cache import load_cached
 from .key_map import resolve
 from .loader import _adapter_path
-from .utilities import NONE, _lora_list, _progress, _run
+from .utilities import NONE, ReportNode, _progress, _run, weighted_adapter_inputs
 
 UNET_PREFIX = "model.diffusion_model."
 
@@ -68,30 +68,18 @@ def checkpoint_matcher(key_map: dict):
     return match
 
 
-class LycorisMergeToCheckpoint:
+class LycorisMergeToCheckpoint(ReportNode):
     DESCRIPTION = ("Bakes up to three adapters (any LyCORIS algorithm) into a checkpoint file from the "
                    "checkpoints folder and writes a new checkpoint there, layer by layer: memory stays at about "
                    "one layer, NaN/Inf results are refused, the file appears only when complete.")
-    CATEGORY = "loaders/lycoris/utilities"
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("report",)
     OUTPUT_TOOLTIPS = ("Coverage of each adapter on the checkpoint.",)
 
     @classmethod
     def INPUT_TYPES(cls):
-        strength = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01, "tooltip": "Strength of this adapter."}
-        names = _lora_list()
         return {"required": {
             "ckpt_name": (folder_paths.get_filename_list("checkpoints"), {"tooltip": "The checkpoint to bake into "
                           "(.safetensors)."}),
-            "lycoris_name_1": (names, {"tooltip": "First adapter (applied first)."}),
-            "strength_1": ("FLOAT", strength),
-            "lycoris_name_2": ([NONE] + names, {"default": NONE, "tooltip": "Optional second adapter."}),
-            "strength_2": ("FLOAT", strength),
-            "lycoris_name_3": ([NONE] + names, {"default": NONE, "tooltip": "Optional third adapter."}),
-            "strength_3": ("FLOAT", strength),
+            **weighted_adapter_inputs("strength", "Strength of this adapter.", required=1),
             "dtype": (["as stored"] + sorted(DTYPES), {"default": "as stored", "tooltip": "Dtype of the floating-"
                       "point tensors in the new file; merging itself is done in fp32."}),
             "output_name": ("STRING", {"default": "merged_lycoris", "tooltip": "File name in the checkpoints "

@@ -59,18 +59,37 @@ def _lora_list():
     return folder_paths.get_filename_list("loras")
 
 
-OUTPUT_NAME = ("STRING", {"default": "lycoris_out", "tooltip": "File name for the result in the loras folder "
-                          "(sanitised; .safetensors is added). An existing file of that name is replaced."})
+class ReportNode:
+    """What every utility node shares: it writes a file and returns its report as text."""
 
-
-class LycorisResize:
-    DESCRIPTION = ("Lowers the rank of a LoRA/LoCon file (incl. Tucker) by SVD: a fixed rank or the share of "
-                   "the delta's energy to keep. Reports the relative error of every layer.")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("report",)
+
+
+def weighted_adapter_inputs(label: str, tooltip: str, required: int) -> dict:
+    """Inputs for three adapters, each with a strength; past the first `required`, "none" is allowed."""
+    strength = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01, "tooltip": tooltip}
+    names = _lora_list()
+    inputs = {}
+    for i in (1, 2, 3):
+        if i <= required:
+            inputs[f"lycoris_name_{i}"] = (names, {"tooltip": f"Adapter {i} (applied in order)."})
+        else:
+            inputs[f"lycoris_name_{i}"] = ([NONE] + names, {"default": NONE, "tooltip": f"Optional adapter {i}."})
+        inputs[f"{label}_{i}"] = ("FLOAT", strength)
+    return inputs
+
+
+OUTPUT_NAME = ("STRING", {"default": "lycoris_out", "tooltip": "File name for the result in the loras folder "
+                          "(sanitised; .safetensors is added). An existing file of that name is replaced."})
+
+
+class LycorisResize(ReportNode):
+    DESCRIPTION = ("Lowers the rank of a LoRA/LoCon file (incl. Tucker) by SVD: a fixed rank or the share of "
+                   "the delta's energy to keep. Reports the relative error of every layer.")
     OUTPUT_TOOLTIPS = ("Per-layer ranks and relative errors.",)
 
     @classmethod
@@ -94,14 +113,9 @@ class LycorisResize:
             progress=_progress()), _output(output_name), title))
 
 
-class LycorisDyLoRASlice:
+class LycorisDyLoRASlice(ReportNode):
     DESCRIPTION = ("Keeps the first `rank` components of a DyLoRA file (sd-scripts networks.dylora or "
                    "lycoris-lora dylora) with an explicit alpha policy; the report says which one was used.")
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("report",)
     OUTPUT_TOOLTIPS = ("Per-layer differences to the full adapter and the alpha policy used.",)
 
     @classmethod
@@ -123,27 +137,15 @@ class LycorisDyLoRASlice:
             _output(output_name), title))
 
 
-class LycorisCombine:
+class LycorisCombine(ReportNode):
     DESCRIPTION = ("Combines up to three adapters with weights into one file: exact rank concatenation for the "
                    "LoRA family (rank 0), or an SVD re-factorisation of the summed deltas to `rank`.")
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("report",)
     OUTPUT_TOOLTIPS = ("Per-layer ranks and relative errors of the combined file.",)
 
     @classmethod
     def INPUT_TYPES(cls):
-        weight = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01, "tooltip": "Strength of this input."}
-        names = _lora_list()
         return {"required": {
-            "lycoris_name_1": (names, {"tooltip": "First adapter."}),
-            "weight_1": ("FLOAT", weight),
-            "lycoris_name_2": (names, {"tooltip": "Second adapter."}),
-            "weight_2": ("FLOAT", weight),
-            "lycoris_name_3": ([NONE] + names, {"default": NONE, "tooltip": "Optional third adapter."}),
-            "weight_3": ("FLOAT", weight),
+            **weighted_adapter_inputs("weight", "Strength of this input.", required=2),
             "rank": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip": "0: exact (ranks add up); otherwise "
                              "every layer is re-factorised to this rank by SVD."}),
             "output_name": OUTPUT_NAME,
@@ -157,15 +159,10 @@ class LycorisCombine:
                                            _output(output_name), title))
 
 
-class LycorisExtract:
+class LycorisExtract(ReportNode):
     DESCRIPTION = ("Extracts the difference between a tuned and a base model (LoRAs loaded upstream count as "
                    "tuning) into a LoRA/LoCon file with kohya names, choosing each layer's rank by a rule; "
                    "unchanged layers are skipped and every layer's relative error is reported.")
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("report",)
     OUTPUT_TOOLTIPS = ("Per-layer ranks and relative errors of the extracted file.",)
 
     @classmethod
