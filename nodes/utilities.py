@@ -178,14 +178,18 @@ class LycorisExtract(ReportNode):
                                   "0 leaves them out."}),
             "value": resize_inputs["value"],
             "tucker": ("BOOLEAN", {"default": False, "tooltip": "k x k convs as Tucker-2 (lora_mid) by HOSVD."}),
+            "algo": (["lora", "lokr"], {"default": "lora", "tooltip": "lora: LoRA/LoCon factors; lokr: the nearest "
+                     "Kronecker product w1 (x) w2 (w2 of rank `rank`, full when that is no saving)."}),
+            "factor": ("INT", {"default": -1, "min": -1, "max": 1024, "tooltip": "LoKr: the small factor's size, "
+                       "as LyCORIS's `factor` (-1: the most balanced split)."}),
             "output_name": OUTPUT_NAME,
         }, "optional": {
             "clip_base": ("CLIP", {"tooltip": "Extract the text encoder too: the original CLIP ..."}),
             "clip_tuned": ("CLIP", {"tooltip": "... and the tuned one."}),
         }}
 
-    def run(self, model_base, model_tuned, mode, rank, conv_rank, value, tucker, output_name,
-            clip_base=None, clip_tuned=None):
+    def run(self, model_base, model_tuned, mode, rank, conv_rank, value, tucker, output_name, algo="lora",
+            factor=-1, clip_base=None, clip_tuned=None):
         title = "LyCORIS extract"
         if (clip_base is None) != (clip_tuned is None):
             raise ValueError(f"{title}: connect both clip_base and clip_tuned, or neither")
@@ -193,4 +197,4 @@ class LycorisExtract(ReportNode):
         tuned = PatchedWeights(checkpoint_names(model_tuned, clip_tuned))
         return _run(title, lambda: _finish(extract(
             base, tuned, mode=mode, value=None if mode == "fixed" else value, rank=rank, conv_rank=conv_rank,
-            tucker=tucker, progress=_progress()), _output(output_name), title))
+            tucker=tucker, algo=algo, factor=factor, progress=_progress()), _output(output_name), title))

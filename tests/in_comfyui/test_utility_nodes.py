@@ -69,6 +69,17 @@ def test_dylora_slice_node_names_its_alpha_policy(pack, loras):
         _node(pack, "LycorisDyLoRASlice").run("dy.safetensors", 3, "trainer", "dy3")  # not a multiple of unit
 
 
+def test_extract_node_writes_lokr(pack, loras):
+    from lycoris_pack.lycoris_core import load_adapter_file
+
+    model = tiny_sd15()
+    lycoris_file(model.model.diffusion_model, loras / "p.safetensors", "lora_unet_", "lora")
+    loader = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
+    tuned = loader.load(model, "p.safetensors", 1.0, "merge")["result"][0]
+    _node(pack, "LycorisExtract").run(model, tuned, "fixed", 4, 0, 0.0, False, "kron", algo="lokr", factor=4)
+    assert set(load_adapter_file(loras / "kron.safetensors").algorithms()) == {"lokr"}
+
+
 def test_extract_node_recovers_a_loaded_lora(pack, loras, tmp_path):
     """Base model vs the same model with a LoRA loaded upstream: the extracted file, loaded on
     the base, gives back the tuned weights (fp16 output: within fp16 rounding of the delta)."""
