@@ -11,7 +11,10 @@ interpolated, W + m (W' - W), as sd-scripts' boft does.
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from .base import COMPUTE_DTYPE, Adapter, flat
 from .oft import DiagOFT
@@ -43,7 +46,7 @@ class BOFT(DiagOFT):
     def validate(self):
         blocks = self.require("oft_blocks", (4,))
         stages, groups, size, size2 = blocks.shape
-        if size != size2 or size % 2 or (groups & (groups - 1)) or 2 ** (stages - 1) > groups:
+        if size != size2 or size % 2 or stages < 1 or groups < 1 or (groups & (groups - 1)) or 2 ** (stages - 1) > groups:
             raise self.error(f"expected (stages, n, bs, bs) butterfly blocks with even bs and n a power of two, "
                              f"found {list(blocks.shape)}", "oft_blocks")
         self._validate_rescale()
@@ -65,6 +68,10 @@ def _butterfly_permutation(n: int, blocks: int, half: int) -> torch.Tensor:
 
 
 class PeftBOFT(Adapter):
+    """PEFT BOFT: `boft_R` (N, n, bs, bs) raw blocks, `boft_s` the output scale ((O, 1) Linear,
+    (1, O) conv). N is read from the tensor: PEFT without its CUDA extension trains N = 1 whatever
+    the config says."""
+
     algo = "boft"
     suffixes = ("boft_R", "boft_s")
     additive = False
@@ -75,12 +82,17 @@ class PeftBOFT(Adapter):
 
     def validate(self):
         blocks = self.require("boft_R", (4,))
-        if blocks.shape[2] != blocks.shape[3]:
+        factors, groups, size, size2 = blocks.shape
+        if size != size2 or factors == 0 or groups == 0:
             raise self.error(f"expected (N, n, bs, bs) blocks, found {list(blocks.shape)}", "boft_R")
+        if factors > 1 and (size % 2 or groups % 2 ** (factors - 1)):
+            raise self.error(f"{factors} butterfly factors need an even block size and a block count divisible by "
+                             f"{2 ** (factors - 1)}, found {list(blocks.shape)}", "boft_R")
         self.require("boft_s")
 
     @property
     def rank(self):
+        """The block size (PEFT's `boft_block_size`)."""
         return int(self.tensors["boft_R"].shape[-1])
 
     @property
@@ -89,27 +101,28 @@ class PeftBOFT(Adapter):
 
     def check_weight(self, weight_shape):
         _, groups, size, _ = self.tensors["boft_R"].shape
-        columns = int(torch.tensor(weight_shape[1:]).prod()) if len(weight_shape) > 1 else 1
-        if groups * size != columns or self.tensors["boft_s"].numel() != weight_shape[0]:
-            raise self.error(f"boft_R {list(self.tensors['boft_R'].shape)} / boft_s {list(self.tensors['boft_s'].shape)} "
-                             f"do not fit the model's weight {list(weight_shape)}", "boft_R")
+        columns = math.prod(weight_shape[1:])
+        if groups * size != columns:
+            raise self.error(f"{groups} blocks of size {size} do not tile the {columns} input features of the "
+                             f"model's weight {list(weight_shape)}", "boft_R")
+        if self.tensors["boft_s"].numel() != weight_shape[0]:
+            raise self.error(f"boft_s has {self.tensors['boft_s'].numel()} entries, the model's weight "
+                             f"{list(weight_shape)} has {weight_shape[0]} output channels", "boft_s")
 
     def rotation_matrix(self) -> torch.Tensor:
         """M = prod_i P_i blockdiag(R_i) P_i^T, later factors on the left."""
         blocks = self.t("boft_R")
         factors, groups, size, _ = blocks.shape
         skew = 0.5 * (blocks - blocks.transpose(-1, -2))
-        eye = torch.eye(size, dtype=skew.dtype).expand_as(skew)
-        rotations = torch.linalg.solve(eye + skew, eye - skew, left=False)
+        eye = torch.eye(size, dtype=skew.dtype, device=skew.device).expand_as(skew)
+        rotations = torch.linalg.solve(eye + skew, eye - skew, left=False)  # (I - S)(I + S)^-1
         n = groups * size
         total = None
         for i in range(factors):
             diag = torch.block_diag(*rotations[i])
-            if factors > 1:  # PEFT's permutations exist only with butterfly factors (CUDA-trained files)
-                perm = _butterfly_permutation(n, groups // 2 ** i, size // 2)
-                p = torch.zeros(n, n, dtype=diag.dtype)
-                p[torch.arange(n), perm] = 1
-                diag = p @ diag @ p.T
+            if factors > 1:  # PEFT's permutations are the identity with a single factor
+                perm = _butterfly_permutation(n, groups // 2 ** i, size // 2).to(diag.device)
+                diag = diag[perm][:, perm]  # P D P^T with P[j, perm[j]] = 1
             total = diag if total is None else diag @ total
         return total
 
@@ -120,3 +133,20 @@ class PeftBOFT(Adapter):
         rotated = rotated.reshape(w.shape)
         out = rotated if strength == 1 else w + strength * (rotated - w)
         return out, None if bias is None else bias.to(COMPUTE_DTYPE)
+
+    def bypass_is_dense(self, geometry=None):
+        return geometry is None or not geometry.linear
+
+    def bypass(self, x, y, weight, bias, geometry, strength=1.0):
+        """Linear: PEFT's forward, s * f(x M) (bias outside the scale), interpolated with the base
+        output y as the merge is; convs: the patched weight."""
+        if not geometry.linear:
+            return super().bypass(x, y, weight, bias, geometry, strength)
+        if weight is None:
+            raise self.error("boft in bypass mode needs the layer's weight (it rotates the input)")
+        self.check_weight(weight.shape)
+        rotated = F.linear(x @ self.rotation_matrix().to(x.dtype), weight.to(x.dtype))
+        rotated = rotated * self.t("boft_s").reshape(-1).to(x.dtype)
+        if bias is not None:
+            rotated = rotated + bias.to(x.dtype)
+        return rotated if strength == 1 else y + strength * (rotated - y)

@@ -5,8 +5,9 @@ LyCORIS rotates the output side: per block Q = B - B^T, scaled down to the const
 c = alpha * O (Frobenius norm over all blocks) when it exceeds it, R = (I + Q)(I - Q)^-1, and
 W'_k = R_m^T W_k with R_m = I + m (R - I); `rescale` multiplies the rows afterwards, in full
 whatever m is. PEFT rotates the input side: W' = W_flat R^T with R = blockdiag of Cayley
-rotations (its Neumann series or the exact solve, as the file's config says). PEFT has no
-strength; like sd-scripts' oft_v2 we interpolate the result, W + m (W' - W).
+rotations (its Neumann series or the exact solve, as the file's config says; `coft` files are
+projected as PEFT's merge projects them). PEFT has no strength; like sd-scripts' oft_v2 we
+interpolate the result, W + m (W' - W) (for a Linear: the same interpolation of the rotated input).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .base import COMPUTE_DTYPE, Adapter, channel_view, flat
 
@@ -25,7 +27,7 @@ def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
         norm = torch.linalg.norm(q) + 1e-8
         if norm > constraint:
             q = q * (constraint / norm)
-    eye = torch.eye(q.shape[-1], dtype=q.dtype)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
     return (eye + q) @ torch.linalg.inv(eye - q)
 
 
@@ -33,7 +35,7 @@ def interpolate(rotation: torch.Tensor, strength: float) -> torch.Tensor:
     """R_m = I + m (R - I), the trainers' multiplier on a rotation (not a geodesic)."""
     if strength == 1:
         return rotation
-    eye = torch.eye(rotation.shape[-1], dtype=rotation.dtype)
+    eye = torch.eye(rotation.shape[-1], dtype=rotation.dtype, device=rotation.device)
     return eye + strength * (rotation - eye)
 
 
@@ -131,7 +133,9 @@ class LegacyOFT(DiagOFT):
 
 class PeftOFT(Adapter):
     """PEFT OFT v2: `oft_R.weight` (n_blocks, bs(bs-1)/2) holds the strict upper triangle of each
-    skew block; blocks tile the input features (Linear I, conv I*kh*kw)."""
+    skew block; blocks tile the input features (Linear I, conv I*kh*kw); `block_share` stores one
+    block used for all of them. Files written before PEFT 0.18 with `use_cayley_neumann` used an
+    older series (PEFT itself only warns): decoded with the current one."""
 
     algo = "oft"
     suffixes = ("oft_R.weight",)
@@ -141,10 +145,14 @@ class PeftOFT(Adapter):
     def detect(cls, tensors):
         return "oft_R.weight" in tensors
 
+    @property
+    def config(self) -> dict:
+        return self.context.peft_config or {}
+
     def validate(self):
         vectors = self.require("oft_R.weight", (2,))
-        size = (1 + math.isqrt(1 + 8 * vectors.shape[1])) // 2
-        if size * (size - 1) // 2 != vectors.shape[1]:
+        size = self.block_size
+        if vectors.shape[1] == 0 or size * (size - 1) // 2 != vectors.shape[1]:
             raise self.error(f"{vectors.shape[1]} entries per block is no upper triangle bs(bs-1)/2", "oft_R.weight")
 
     @property
@@ -153,36 +161,52 @@ class PeftOFT(Adapter):
 
     @property
     def rank(self):
+        """The block size (PEFT's `oft_block_size`; its `r` is the block count)."""
         return self.block_size
 
     @property
     def scale(self):
         return 1.0
 
+    def shared(self, columns: int) -> bool:
+        """One stored block repeated over all input features (`block_share`)."""
+        blocks = self.tensors["oft_R.weight"].shape[0]
+        return blocks == 1 and columns != self.block_size and self.config.get("block_share", True)
+
     def check_weight(self, weight_shape):
         blocks = self.tensors["oft_R.weight"].shape[0]
         columns = math.prod(weight_shape[1:])
-        if columns % self.block_size or (blocks != 1 and blocks * self.block_size != columns):
+        if columns % self.block_size or (not self.shared(columns) and blocks * self.block_size != columns):
             raise self.error(f"{blocks} rotation blocks of size {self.block_size} do not tile the {columns} input "
                              f"features of the model's weight {list(weight_shape)}", "oft_R.weight")
 
-    def rotations(self) -> torch.Tensor:
-        """(n, bs, bs) Cayley rotations as PEFT computes them for this file's config."""
-        config = self.context.peft_config or {}
-        bs = self.block_size
+    def rotations(self, columns: int) -> torch.Tensor:
+        """(columns / bs, bs, bs) Cayley rotations as PEFT computes them for this file's config."""
+        config, bs = self.config, self.block_size
         vectors = self.t("oft_R.weight")
         rows, cols = torch.triu_indices(bs, bs, 1)
-        q = torch.zeros(vectors.shape[0], bs, bs, dtype=vectors.dtype)
+        q = torch.zeros(vectors.shape[0], bs, bs, dtype=vectors.dtype, device=vectors.device)
         q[:, rows, cols] = vectors
         q = q - q.transpose(-1, -2)
-        eye = torch.eye(bs, dtype=q.dtype).expand_as(q)
+        if config.get("coft", False):  # PEFT projects each block to norm <= eps / sqrt(n) before use
+            eps = float(config.get("eps", 6e-5)) / math.sqrt(q.shape[0])
+            norm = torch.linalg.matrix_norm(q, keepdim=True)
+            q = torch.where(norm <= eps, q, q * (eps / norm))
+        eye = torch.eye(bs, dtype=q.dtype, device=q.device).expand_as(q)
         if not config.get("use_cayley_neumann", True):
-            return torch.linalg.solve(eye + q, eye - q, left=False)  # (I - Q)(I + Q)^-1
-        terms = int(config.get("num_cayley_neumann_terms", 5))
+            r = torch.linalg.solve(eye + q, eye - q, left=False)  # (I - Q)(I + Q)^-1
+        else:
+            r = self._neumann(q, eye, int(config.get("num_cayley_neumann_terms", 5)))
+        return r.expand(columns // bs, -1, -1) if self.shared(columns) else r
+
+    @staticmethod
+    def _neumann(q, eye, terms):
+        """PEFT's truncated series of (I + Q)(I - Q)^-1: I + 2Q + 2Q^2 + ... + 2Q^(T-2) + Q^(T-1)
+        (its loop makes T = 3 the same as T = 4)."""
         r = eye.clone()
         if terms > 1:
             r = r + 2 * q
-        if terms > 2:  # PEFT's loop: 2Q^2 ... 2Q^(T-2), then Q^(T-1) once (T = 3 behaves as T = 4)
+        if terms > 2:
             power = q @ q
             r = r + 2 * power
             for _ in range(3, terms - 1):
@@ -194,11 +218,24 @@ class PeftOFT(Adapter):
     def patch(self, weight, strength=1.0, bias=None, inplace=False):
         self.check_weight(weight.shape)
         w = weight.to(COMPUTE_DTYPE)
-        r = self.rotations()
-        columns = flat(w).shape[1]
-        n = columns // self.block_size
-        r = r.expand(n, -1, -1) if r.shape[0] == 1 else r
-        blocks = flat(w).reshape(w.shape[0], n, self.block_size)
-        rotated = torch.einsum("onj,nij->oni", blocks, r).reshape(w.shape)  # W_flat R^T
+        r = self.rotations(flat(w).shape[1])
+        blocks = flat(w).reshape(w.shape[0], r.shape[0], self.block_size)
+        rotated = torch.einsum("onj,nij->oni", blocks, r).reshape(w.shape)  # W_flat blockdiag(R)^T
         out = rotated if strength == 1 else w + strength * (rotated - w)
         return out, None if bias is None else bias.to(COMPUTE_DTYPE)
+
+    def bypass_is_dense(self, geometry=None):
+        return geometry is None or not geometry.linear
+
+    def bypass(self, x, y, weight, bias, geometry, strength=1.0):
+        """Linear: PEFT's own forward, f(x blockdiag(R_m)) with R_m = I + m (R - I), which equals
+        x W_m^T + b for W_m = W + m (W' - W). Convs: the patched weight (PEFT's unfold forward
+        is not its merge)."""
+        if not geometry.linear:
+            return super().bypass(x, y, weight, bias, geometry, strength)
+        if weight is None:
+            raise self.error("oft in bypass mode needs the layer's weight (it rotates the input)")
+        self.check_weight(weight.shape)
+        r = interpolate(self.rotations(x.shape[-1]), strength).to(x.dtype)
+        xr = torch.einsum("...nj,nji->...ni", x.reshape(*x.shape[:-1], r.shape[0], self.block_size), r)
+        return F.linear(xr.reshape(x.shape), weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
