@@ -46,7 +46,8 @@ class BOFT(DiagOFT):
     def validate(self):
         blocks = self.require("oft_blocks", (4,))
         stages, groups, size, size2 = blocks.shape
-        if size != size2 or size % 2 or stages < 1 or groups < 1 or (groups & (groups - 1)) or 2 ** (stages - 1) > groups:
+        power_of_two = groups >= 1 and not groups & (groups - 1)
+        if size != size2 or size % 2 or stages < 1 or not power_of_two or 2 ** (stages - 1) > groups:
             raise self.error(f"expected (stages, n, bs, bs) butterfly blocks with even bs and n a power of two, "
                              f"found {list(blocks.shape)}", "oft_blocks")
         self._validate_rescale()

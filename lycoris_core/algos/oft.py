@@ -63,7 +63,8 @@ class DiagOFT(Adapter):
 
     @property
     def rank(self):
-        """The block size (LyCORIS picks it from lora_dim)."""
+        """The block size (last dim of the blocks). LyCORIS's lora_dim became the block size, or
+        the block count for layers with fewer than lora_dim^2 outputs."""
         return int(self.tensors[self.blocks_key].shape[-1])
 
     @property
