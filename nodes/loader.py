@@ -6,6 +6,8 @@ from __future__ import annotations
 import folder_paths
 
 from ..lycoris_core import AdapterFormatError
+from ..lycoris_core.block_weights import BlockWeightError, parse_block_weights
+from ..lycoris_core.blocks import architecture_blocks, detect_architecture
 from .cache import load_cached
 from .patching import apply_adapter_file
 
@@ -22,18 +24,33 @@ def _adapter_path(name: str) -> str:
     return path
 
 
-def load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mode):
+def parse_blocks(text: str, model, clip):
+    """The block weights a user typed, read against the connected model's architecture."""
+    keys = list(model.model.state_dict()) + ([] if clip is None else list(clip.cond_stage_model.state_dict()))
+    architecture = detect_architecture(keys)
+    return parse_block_weights(text, architecture, architecture_blocks(architecture, keys))
+
+
+def load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mode, block_weights=""):
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}'; expected one of {', '.join(MODES)}")
     path = _adapter_path(lycoris_name)
+    blocks = None
     try:
+        if block_weights and block_weights.strip():
+            blocks = parse_blocks(block_weights, model, clip)
         adapter_file = load_cached(path)
-        new_model, new_clip, report = apply_adapter_file(model, clip, adapter_file, strength_model, strength_clip, mode)
-    except AdapterFormatError as error:
+        new_model, new_clip, report = apply_adapter_file(
+            model, clip, adapter_file, strength_model, strength_clip, mode,
+            block_weight=None if blocks is None else blocks.weight_for_key)
+    except (AdapterFormatError, BlockWeightError) as error:
         raise ValueError(f"Load LyCORIS: {error}") from None
     strengths = f"mode {mode}, strength_model {strength_model:g}" + (
         f", strength_clip {strength_clip:g}" if clip is not None else "")
     text = report.text(adapter_file, strengths)
+    if blocks is not None:
+        text += f"\nblock weights ({blocks.dialect}, {blocks.architecture}): {blocks.describe(compact=True)}"
+        text += "".join(f"\n  warning: {w}" for w in blocks.warnings)
     print(text)
     return new_model, new_clip, text
 
@@ -65,10 +82,15 @@ class LycorisLoader:
             "mode": (MODES, {"default": "merge", "tooltip": "merge: ComfyUI patches the weights when it loads "
                              "the model (exact, no per-step cost). bypass: the adapter runs beside each layer and "
                              "the base weights are never changed (for fp8/GGUF/quantized models)."}),
+        }, "optional": {
+            "block_weights": ("STRING", {"default": "", "multiline": True, "tooltip": "Per-block strength: named "
+                              "blocks (IN04=0.5, OUT*=0, D00-D18=1, TE=1), an Inspire or sd-webui LBW vector, or a "
+                              "preset name (SD-ALL, INS, ...). Empty: every block at 1. A block at 0 is untouched."}),
         }}
 
-    def load(self, model, clip, lycoris_name, strength_model, strength_clip, mode="merge"):
-        new_model, new_clip, text = load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mode)
+    def load(self, model, clip, lycoris_name, strength_model, strength_clip, mode="merge", block_weights=""):
+        new_model, new_clip, text = load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mode,
+                                                   block_weights)
         # the report also goes to the UI / the prompt history, where API users read it
         return {"ui": {"text": [text]}, "result": (new_model, new_clip, text)}
 
@@ -83,9 +105,11 @@ class LycorisLoaderModelOnly:
 
     @classmethod
     def INPUT_TYPES(cls):
-        types = LycorisLoader.INPUT_TYPES()["required"]
-        return {"required": {k: types[k] for k in ("model", "lycoris_name", "strength_model", "mode")}}
+        types = LycorisLoader.INPUT_TYPES()
+        required = types["required"]
+        return {"required": {k: required[k] for k in ("model", "lycoris_name", "strength_model", "mode")},
+                "optional": types["optional"]}
 
-    def load(self, model, lycoris_name, strength_model, mode="merge"):
-        new_model, _, text = load_and_apply(model, None, lycoris_name, strength_model, 0.0, mode)
+    def load(self, model, lycoris_name, strength_model, mode="merge", block_weights=""):
+        new_model, _, text = load_and_apply(model, None, lycoris_name, strength_model, 0.0, mode, block_weights)
         return {"ui": {"text": [text]}, "result": (new_model, text)}

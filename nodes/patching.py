@@ -56,11 +56,14 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def apply_adapter_file(model, clip, adapter_file, strength_model: float, strength_clip: float, mode: str = "merge"):
+def apply_adapter_file(model, clip, adapter_file, strength_model: float, strength_clip: float, mode: str = "merge",
+                       block_weight=None):
     """(new model, new clip, LoadReport). A side with strength 0 (or None input) is left as is.
 
     mode "merge": weight patches; "bypass": the adapters run in the forward of Linear/Conv
     layers (norm and embedding layers are still merged: they are tiny and not quantized).
+    `block_weight(key) -> float` multiplies each layer's strength by its block's weight; a
+    layer whose strength ends at 0 is left untouched (bit-identical).
 
     Raises AdapterFormatError when nothing of the file matches the model.
     """
@@ -98,6 +101,9 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
             continue
         weights, strength, active = sides[side]
         key = target_key(target)
+        if block_weight is not None:
+            strength *= block_weight(key)
+            active = active and strength != 0
         offset = None if isinstance(target, str) else target[1]
         try:
             base = weights[key] if offset is None else weights[key].narrow(*offset)

@@ -264,3 +264,35 @@ def test_stacked_bypass_adapters_equal_stacked_merges(pack, tmp_path):
         finally:
             twice.unpatch_model()
     assert float((outputs[0] - outputs[1]).norm() / outputs[0].norm()) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["merge", "bypass"])
+def test_block_weights_bind_to_block_ids(pack, tmp_path, mode):
+    import comfy.sd
+    import comfy.utils
+
+    _loras(tmp_path, pack)
+    model = tiny_sd15()
+    path, _, _ = _make(tmp_path, model, "locon", ADDITIVE["locon"])
+    node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
+    patched, report = node.load(model, path.name, 1.0, mode, block_weights="IN*=0, M00=0.5")["result"]
+    assert "block weights (named" in report, report
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    full, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    half, _ = comfy.sd.load_lora_for_models(model, None, lora, 0.5, 0.0)
+    base = model.model.state_dict()
+    if mode == "merge":
+        ours, at_one, at_half = patched_state_dict(patched), patched_state_dict(full), patched_state_dict(half)
+        for key in base:
+            if key.startswith("diffusion_model.input_blocks."):
+                assert torch.equal(ours[key], base[key]), key  # a block at 0 stays bit-identical
+            elif key.startswith("diffusion_model.middle_block."):
+                torch.testing.assert_close(ours[key], at_half[key], rtol=1e-5, atol=1e-6, msg=key)
+            else:
+                torch.testing.assert_close(ours[key], at_one[key], rtol=1e-5, atol=1e-6, msg=key)
+    else:
+        bypassed = {k.rsplit(".forward", 1)[0] for k in patched.object_patches}
+        assert bypassed and not any(k.startswith("diffusion_model.input_blocks.") for k in bypassed)
+        assert any(k.startswith("diffusion_model.middle_block.") for k in bypassed)
+    with pytest.raises(ValueError, match="Load LyCORIS"):
+        node.load(model, path.name, 1.0, mode, block_weights="1,0,1")  # wrong length names the ids
