@@ -79,9 +79,7 @@ def merge_into_state_dict(state_dict: dict, adapters, dtype: torch.dtype | None 
     `inplace` (the caller owns the tensors); untouched tensors are shared, or cast when `dtype`
     is given."""
     patches, coverages = plan(adapters, state_dict.keys())
-    merged = {}
-    for key, tensor in state_dict.items():
-        merged[key] = _cast(tensor, tensor, dtype) if dtype is not None else tensor
+    merged = {key: _cast(tensor, tensor, dtype) for key, tensor in state_dict.items()}  # same object if no cast
     for weight_key, layer_patches in patches.items():
         bias_key = _bias_key(weight_key)
         weight, bias = state_dict[weight_key], state_dict.get(bias_key)
