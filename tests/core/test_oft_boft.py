@@ -318,6 +318,17 @@ class _BlockDiagKernel:
         return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
 
 
+def seeded_tiny() -> nn.Module:
+    """The PEFT cases' base model: fixed seed, non-trivial biases."""
+    torch.manual_seed(0)
+    model = Tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
 def build_peft(case_id: str, directory, monkeypatch) -> dict:
     import peft
     import peft.tuners.boft.layer as boft_layer
@@ -325,12 +336,7 @@ def build_peft(case_id: str, directory, monkeypatch) -> dict:
     make_config, factors = _peft_configs()[case_id]
     if factors > 1:
         monkeypatch.setattr(boft_layer, "_FBD_CUDA", _BlockDiagKernel())
-    torch.manual_seed(0)
-    model = Tiny()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.2)
+    model = seeded_tiny()
     base = copy.deepcopy(model)
     wrapped = peft.get_peft_model(model, make_config())
     g = torch.Generator().manual_seed(99)
@@ -428,12 +434,7 @@ def test_peft_half_precision_files_decode_in_fp32(dtype, tmp_path, monkeypatch):
         save_file(rounded, str(half_dir / "adapter_model.safetensors"))
         with open(half_dir / "adapter_config.json", "w") as f:
             json.dump(case["config"], f)
-        torch.manual_seed(0)
-        model = Tiny()
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 1:
-                    p.add_(torch.randn_like(p) * 0.2)
+        model = seeded_tiny()
         base = copy.deepcopy(model)
         loaded = peft.PeftModel.from_pretrained(model, str(half_dir))
         loaded.float()  # the rounded values, computed in fp32
