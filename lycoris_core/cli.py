@@ -60,7 +60,22 @@ def cmd_merge(args) -> int:
         path, strength = parse_weighted(spec)
         adapters.append((load_adapter_file(path), strength))
     dtype = DTYPES[args.dtype] if args.dtype else None
-    coverages = merge_files(args.base, adapters, args.out, dtype=dtype, progress=Progress("merge"))
+    blocks = None
+    if args.block_weights:
+        from .block_weights import load_preset_file, parse_block_weights
+        from .blocks import architecture_blocks, detect_architecture
+        from .safe_io import SafetensorsReader
+
+        with SafetensorsReader(args.base) as reader:
+            keys = reader.keys()
+        arch = args.architecture or detect_architecture(keys)
+        presets = load_preset_file(args.presets) if args.presets else None
+        blocks = parse_block_weights(args.block_weights, arch, architecture_blocks(arch, keys), presets)
+        print(f"block weights: {blocks.summary()}")
+        for warning in blocks.warnings:
+            print(f"  warning: {warning}")
+    coverages = merge_files(args.base, adapters, args.out, dtype=dtype, progress=Progress("merge"),
+                            block_weight=None if blocks is None else blocks.weight_for_key)
     for coverage in coverages:
         for line in coverage.lines():
             print(line)
@@ -230,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors (written atomically)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of floating-point tensors in the output "
                    "(default: as in the base)")
+    p.add_argument("--block-weights", metavar="TEXT", help="per-block strength for every adapter: named ids "
+                   "('IN04=0.5, OUT*=0'), an Inspire or sd-webui LBW vector, or a preset name")
+    p.add_argument("--architecture", help="the base's block layout (sd1, sdxl, flux, ...; default: detected "
+                   "from its keys)")
+    p.add_argument("--presets", metavar="FILE", help="a preset file (NAME:vector lines, Inspire/LBW format)")
     p.set_defaults(run=cmd_merge)
 
     add_utility_commands(sub)

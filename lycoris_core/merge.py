@@ -21,9 +21,12 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Patches = dict[str, list[tuple[object, float, str]]]  # weight key -> [(adapter, strength, source)]
 
 
-def plan(adapters: Iterable[tuple[AdapterFile, float]], model_keys, match=match_generic) -> tuple[Patches, list[Coverage]]:
+def plan(adapters: Iterable[tuple[AdapterFile, float]], model_keys, match=match_generic,
+         block_weight: Callable[[str], float] | None = None) -> tuple[Patches, list[Coverage]]:
     """Which adapter patches which weight, in the order given, plus a coverage per file.
-    `match(adapter_file, keys) -> Coverage` maps module names to weight keys."""
+    `match(adapter_file, keys) -> Coverage` maps module names to weight keys. `block_weight(key)`
+    multiplies the strength per weight key (per-block strength); a layer whose strength comes out
+    0 gets no patch at all, so it stays bit-identical."""
     keys = list(model_keys)
     patches: Patches = {}
     coverages = []
@@ -31,7 +34,9 @@ def plan(adapters: Iterable[tuple[AdapterFile, float]], model_keys, match=match_
         coverage = match(adapter_file, keys)
         coverages.append(coverage)
         for module, weight_key in coverage.matched.items():
-            patches.setdefault(weight_key, []).append((adapter_file.adapters[module], float(strength), coverage))
+            layer_strength = float(strength) * (1.0 if block_weight is None else float(block_weight(weight_key)))
+            if layer_strength != 0.0:
+                patches.setdefault(weight_key, []).append((adapter_file.adapters[module], layer_strength, coverage))
     return patches, coverages
 
 
@@ -93,14 +98,16 @@ def merge_into_state_dict(state_dict: dict, adapters, dtype: torch.dtype | None 
 
 
 def merge_files(base_path, adapters, out_path, dtype: torch.dtype | None = None,
-                progress: Callable[[int, int], None] | None = None, match=match_generic) -> list[Coverage]:
+                progress: Callable[[int, int], None] | None = None, match=match_generic,
+                block_weight: Callable[[str], float] | None = None) -> list[Coverage]:
     """Stream `base_path` to `out_path` with `adapters` ([(AdapterFile, strength)]) baked in.
-    `match` maps module names to the file's keys (default: generic name matching)."""
+    `match` maps module names to the file's keys (default: generic name matching);
+    `block_weight(key)` scales the strength per weight key (see `plan`)."""
     from .safe_io import SafetensorsReader, write_tensors_streamed
 
     with SafetensorsReader(base_path) as reader:
         keys = reader.keys()
-        patches, coverages = plan(adapters, keys, match)
+        patches, coverages = plan(adapters, keys, match, block_weight)
         for coverage in coverages:
             if not coverage.matched:
                 raise AdapterFormatError(

@@ -1,5 +1,6 @@
 """The ComfyUI layer: node classes only translate between ComfyUI objects and lycoris_core."""
 
+from .block_weight_node import LycorisBlockWeight
 from .checkpoint_merge import LycorisMergeToCheckpoint
 from .loader import LycorisLoader, LycorisLoaderModelOnly
 from .utilities import LycorisCombine, LycorisDyLoRASlice, LycorisExtract, LycorisResize
@@ -7,6 +8,7 @@ from .utilities import LycorisCombine, LycorisDyLoRASlice, LycorisExtract, Lycor
 NODE_CLASS_MAPPINGS = {
     "LycorisLoader": LycorisLoader,
     "LycorisLoaderModelOnly": LycorisLoaderModelOnly,
+    "LycorisBlockWeight": LycorisBlockWeight,
     "LycorisResize": LycorisResize,
     "LycorisDyLoRASlice": LycorisDyLoRASlice,
     "LycorisCombine": LycorisCombine,
@@ -16,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LycorisLoader": "Load LyCORIS",
     "LycorisLoaderModelOnly": "Load LyCORIS (model only)",
+    "LycorisBlockWeight": "LyCORIS Block Weight",
     "LycorisResize": "Resize LyCORIS",
     "LycorisDyLoRASlice": "Slice DyLoRA",
     "LycorisCombine": "Combine LyCORIS",

@@ -12,6 +12,8 @@ import comfy.model_detection
 import folder_paths
 import torch
 
+from ..lycoris_core.block_weights import parse_block_weights
+from ..lycoris_core.blocks import architecture_blocks, detect_architecture
 from ..lycoris_core.keys import underscore_form
 from ..lycoris_core.matching import Coverage, layer_index
 from ..lycoris_core.merge import DTYPES, merge_files
@@ -19,6 +21,7 @@ from ..lycoris_core.safe_io import SafetensorsReader, safe_output_path
 from .cache import load_cached
 from .key_map import resolve
 from .loader import _adapter_path
+from .presets import user_presets
 from .utilities import NONE, ReportNode, _progress, _run, weighted_adapter_inputs
 
 UNET_PREFIX = "model.diffusion_model."
@@ -68,6 +71,16 @@ def checkpoint_matcher(key_map: dict):
     return match
 
 
+def checkpoint_block_weights(path: str, text: str):
+    """`text` read against the checkpoint's own keys (None when blank): ids come from the file."""
+    if not text or not text.strip():
+        return None
+    with SafetensorsReader(path) as reader:
+        keys = reader.keys()
+    architecture = detect_architecture(keys)
+    return parse_block_weights(text, architecture, architecture_blocks(architecture, keys), user_presets())
+
+
 class LycorisMergeToCheckpoint(ReportNode):
     DESCRIPTION = ("Bakes up to three adapters (any LyCORIS algorithm) into a checkpoint file from the "
                    "checkpoints folder and writes a new checkpoint there, layer by layer: memory stays at about "
@@ -84,10 +97,14 @@ class LycorisMergeToCheckpoint(ReportNode):
                       "point tensors in the new file; merging itself is done in fp32."}),
             "output_name": ("STRING", {"default": "merged_lycoris", "tooltip": "File name in the checkpoints "
                             "folder (sanitised; .safetensors is added). An existing file of that name is replaced."}),
+        }, "optional": {
+            "block_weights": ("STRING", {"default": "", "multiline": True, "tooltip": "Per-block strength for "
+                              "every adapter (named ids, an Inspire/LBW vector or a preset; see LyCORIS Block "
+                              "Weight). Empty: every block at 1. A block at 0 is copied unchanged."}),
         }}
 
     def run(self, ckpt_name, lycoris_name_1, strength_1, lycoris_name_2, strength_2, lycoris_name_3, strength_3,
-            dtype, output_name):
+            dtype, output_name, block_weights=""):
         title = "LyCORIS merge to checkpoint"
         base = folder_paths.get_full_path("checkpoints", ckpt_name)
         if base is None:
@@ -96,13 +113,18 @@ class LycorisMergeToCheckpoint(ReportNode):
 
         def work():
             adapters = [(load_cached(_adapter_path(name)), s) for name, s in chosen if name != NONE]
+            blocks = checkpoint_block_weights(base, block_weights)
             out = str(safe_output_path(folder_paths.get_folder_paths("checkpoints")[0], output_name))
             coverages = merge_files(base, adapters, out, dtype=DTYPES.get(dtype), progress=_progress(),
-                                    match=checkpoint_matcher(unet_key_map(base)))
+                                    match=checkpoint_matcher(unet_key_map(base)),
+                                    block_weight=None if blocks is None else blocks.weight_for_key)
             cache = getattr(folder_paths, "filename_list_cache", None)
             if isinstance(cache, dict):
                 cache.pop("checkpoints", None)
-            text = "\n".join([f"{title}: wrote {out}"] + [line for c in coverages for line in c.lines()])
+            lines = [f"{title}: wrote {out}"]
+            if blocks is not None:
+                lines += [f"block weights: {blocks.summary()}"] + [f"  warning: {w}" for w in blocks.warnings]
+            text = "\n".join(lines + [line for c in coverages for line in c.lines()])
             return {"ui": {"text": [text]}, "result": (text,)}
 
         return _run(title, work)

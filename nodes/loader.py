@@ -6,8 +6,8 @@ from __future__ import annotations
 import folder_paths
 
 from ..lycoris_core import AdapterFormatError
-from ..lycoris_core.block_weights import BlockWeightError, parse_block_weights
-from ..lycoris_core.blocks import architecture_blocks, detect_architecture
+from ..lycoris_core.block_weights import BlockWeightError
+from .block_weight_node import read_block_weights
 from .cache import load_cached
 from .patching import apply_adapter_file
 
@@ -24,13 +24,6 @@ def _adapter_path(name: str) -> str:
     return path
 
 
-def parse_blocks(text: str, model, clip):
-    """The block weights a user typed, read against the connected model's architecture."""
-    keys = list(model.model.state_dict()) + ([] if clip is None else list(clip.cond_stage_model.state_dict()))
-    architecture = detect_architecture(keys)
-    return parse_block_weights(text, architecture, architecture_blocks(architecture, keys))
-
-
 def load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mode, block_weights=""):
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}'; expected one of {', '.join(MODES)}")
@@ -38,7 +31,7 @@ def load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mod
     blocks = None
     try:
         if block_weights and block_weights.strip():
-            blocks = parse_blocks(block_weights, model, clip)
+            blocks = read_block_weights(block_weights, model, clip)
         adapter_file = load_cached(path)
         new_model, new_clip, report = apply_adapter_file(
             model, clip, adapter_file, strength_model, strength_clip, mode,

@@ -89,3 +89,40 @@ def test_module_entry_point(files):
                            "--out", str(files / "o.safetensors")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "multiple of the DyLoRA rank step 4" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_merge_with_block_weights(tmp_path, capsys):
+    """`merge --block-weights` scales each layer by its block's weight; a block at 0 is copied as is."""
+    from safetensors.torch import load_file
+
+    gen = torch.Generator().manual_seed(3)
+    names = {"in": "input_blocks.4.1.proj_in", "mid": "middle_block.1.proj_in", "out": "output_blocks.3.1.proj_in"}
+    base = {f"model.diffusion_model.{n}.weight": torch.randn(16, 16, generator=gen) for n in names.values()}
+    base["model.diffusion_model.label_emb.0.0.weight"] = torch.randn(16, 16, generator=gen)  # sdxl marker
+    lora = {}
+    for n in names.values():
+        kohya = "lora_unet_" + n.replace(".", "_")
+        lora[f"{kohya}.lora_down.weight"] = torch.randn(4, 16, generator=gen)
+        lora[f"{kohya}.lora_up.weight"] = torch.randn(16, 4, generator=gen)
+        lora[f"{kohya}.alpha"] = torch.tensor(2.0)
+    save_tensors_atomic(tmp_path / "base.safetensors", base)
+    save_tensors_atomic(tmp_path / "lora.safetensors", lora)
+    out = tmp_path / "out.safetensors"
+    code, printed, err = _run(capsys, "merge", "--base", tmp_path / "base.safetensors", "--adapter",
+                              f"{tmp_path / 'lora.safetensors'}:0.5", "--out", out,
+                              "--block-weights", "IN*=0, M00=0.25")
+    assert code == 0, err
+    assert "block weights: named" in printed
+    merged = load_file(str(out))
+    for group, weight in (("in", 0.0), ("mid", 0.25), ("out", 1.0)):
+        key = f"model.diffusion_model.{names[group]}.weight"
+        kohya = "lora_unet_" + names[group].replace(".", "_")
+        delta = 0.5 * (lora[f"{kohya}.lora_up.weight"] @ lora[f"{kohya}.lora_down.weight"]) * (2.0 / 4)
+        if weight == 0.0:
+            assert torch.equal(merged[key], base[key])
+        else:
+            torch.testing.assert_close(merged[key], base[key] + weight * delta, rtol=1e-5, atol=1e-6)
+    code, _, err = _run(capsys, "merge", "--base", tmp_path / "base.safetensors", "--adapter",
+                        tmp_path / "lora.safetensors", "--out", tmp_path / "bad.safetensors", "--block-weights", "1,2,3")
+    assert code == 1 and "sdxl" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "bad.safetensors").exists()

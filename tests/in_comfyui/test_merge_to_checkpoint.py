@@ -45,3 +45,46 @@ def test_merge_to_checkpoint_bakes_every_module(pack, tmp_path):
     untouched = set(base) - {targets[name] for name in adapters}
     assert all(torch.equal(merged[k], base[k]) for k in untouched)
     assert set(merged) == set(base) and not (tmp_path / "merged.safetensors").exists()
+
+
+def test_merge_to_checkpoint_applies_block_weights(pack, tmp_path):
+    """Per-block strength binds to the checkpoint's own block ids; a block at 0 is copied bit for bit."""
+    import pytest
+    from comfyui_runtime import use_checkpoints_folder, use_loras_folder
+    from e2e import make_models
+    from lycoris_pack.lycoris_core import decode_tensors
+    from lycoris_pack.lycoris_core.blocks import block_id
+
+    checkpoints, loras = tmp_path / "checkpoints", tmp_path / "loras"
+    loras.mkdir()
+    with torch.inference_mode():
+        make_models.write_checkpoint(checkpoints / "base.safetensors")
+        shapes = make_models.weight_shapes()
+    use_checkpoints_folder(checkpoints)
+    use_loras_folder(loras)
+    tensors = {k: v.float() for k, v in make_models.kohya_lora(shapes, seed=7).items()}
+    save_file(tensors, str(loras / "a.safetensors"))
+    node = pack.NODE_CLASS_MAPPINGS["LycorisMergeToCheckpoint"]()
+    report = node.run("base.safetensors", "a.safetensors", 0.8, "none", 1.0, "none", 1.0, "as stored",
+                      "blocks", block_weights="IN*=0, M00=0.5, TE=0")["result"][0]
+    assert "block weights: named" in report, report
+    merged, base = load_file(str(checkpoints / "blocks.safetensors")), load_file(str(checkpoints / "base.safetensors"))
+    targets = {make_models.kohya_name(key): key for key in base if make_models.kohya_name(key)}
+    weight = {"IN": 0.0, "M": 0.5, "TE": 0.0}
+    seen = set()
+    for name, adapter in decode_tensors(tensors).adapters.items():
+        key = targets[name]
+        block = block_id(key, "sd1")
+        group = "IN" if block.startswith("IN") else "M" if block == "M00" else "TE" if block.startswith("TE") else "OUT"
+        seen.add(group)
+        w = weight.get(group, 1.0)
+        if w == 0.0:
+            assert torch.equal(merged[key], base[key]), name
+        else:
+            expected, _ = adapter.patch(base[key], 0.8 * w)
+            torch.testing.assert_close(merged[key], expected.to(base[key].dtype), rtol=0, atol=0, msg=name)
+    assert seen == {"IN", "M", "OUT", "TE"}, seen  # the file has layers in every group
+    with pytest.raises(ValueError, match="merge to checkpoint.*(17|26|expects)"):
+        node.run("base.safetensors", "a.safetensors", 0.8, "none", 1.0, "none", 1.0, "as stored", "bad",
+                 block_weights="1,0,1")
+    assert not (checkpoints / "bad.safetensors").exists()
