@@ -45,7 +45,7 @@ Lumina ``layers.N``.
 Accepted spellings of a name: the model's own keys (``diffusion_model.…``,
 ``model.diffusion_model.…``, text encoders ``clip_l.…``/``clip_g.…``/``t5xxl.…`` and the other
 ComfyUI encoder names, ``text_encoders.<name>.…``, ``cond_stage_model.…``,
-``conditioner.embedders.N.…``) and adapter module names (kohya ``lora_unet_…``,
+``conditioner.embedders.N.…``) and adapter module names (kohya ``lora_unet_…`` and ComfyUI's ``lora_prior_unet_…``,
 ``lora_transformer_…``, ``lora_te_…``/``lora_te1_…``…, LyCORIS ``lycoris_…``, diffusers/PEFT
 ``unet.…``, ``transformer.…``, ``text_encoder.…``, ``text_encoder_2.…``, ``base_model.model.…``,
 and LBW's ``diffusion_model_…``); dots and underscores are interchangeable.
@@ -124,7 +124,7 @@ _TE_NAMED = re.compile(r"^(?:text_encoders[._])?(" + "|".join(ENCODER_NAMES) + r
 _TE_BARE = re.compile(r"^(?:cond_stage_model[._]|text_model[._]|transformer[._]text_model[._])")
 
 _PREFIXES = re.compile(
-    r"^(?:base_model\.model\.|model[._]diffusion_model[._]|diffusion_model[._]|lora_unet_|"
+    r"^(?:base_model\.model\.|model[._]diffusion_model[._]|diffusion_model[._]|lora_unet_|lora_prior_unet_|"
     r"lora_transformer_|lycoris_|oft_unet_|unet\.|transformer\.)"
 )
 
