@@ -15,6 +15,7 @@ from .errors import AdapterFormatError
 from .inspection import format_summary, summarize
 from .merge import DTYPES, merge_files
 from .reader import load_adapter_file
+from .svd import parse_patterns
 
 
 class Progress:
@@ -88,19 +89,6 @@ def _report(result, out: str) -> None:
     print(f"wrote {out}")
 
 
-def _patterns(items, label: str, cast) -> dict:
-    patterns = {}
-    for item in items or ():
-        regex, sep, number = item.rpartition("=")
-        if not sep or not regex:
-            raise ValueError(f"{label} '{item}' is not REGEX=NUMBER")
-        try:
-            patterns[regex] = cast(number)
-        except ValueError:
-            raise ValueError(f"{label} '{item}': '{number}' is not a number") from None
-    return patterns
-
-
 def _one_line(command):
     """Numerical failures (e.g. an SVD that does not converge even in fp64) as one-line errors."""
     def run(args) -> int:
@@ -119,8 +107,8 @@ def cmd_extract(args) -> int:
         args.base, args.tuned, args.out, mode=args.mode, value=args.value,
         rank=args.rank if args.rank is not None else (32 if args.mode == "fixed" else None),
         conv_rank=args.conv_rank, tucker=args.tucker, algo=args.algo, factor=args.factor, dtype=args.dtype,
-        rank_pattern=_patterns(args.rank_pattern, "--rank-pattern", int),
-        alpha_pattern=_patterns(args.alpha_pattern, "--alpha-pattern", float),
+        rank_pattern=parse_patterns(args.rank_pattern, "--rank-pattern", int),
+        alpha_pattern=parse_patterns(args.alpha_pattern, "--alpha-pattern", float),
         min_change=args.min_change, device=args.device, progress=Progress("extract"),
     )
     _report(result, args.out)
@@ -138,7 +126,7 @@ def cmd_resize(args) -> int:
     if mode == "fixed" and args.rank is None:
         raise ValueError("resize needs --rank N or --energy X (or --mode with --value)")
     result = resize(args.file, args.out, mode=mode, value=value, rank=args.rank, conv_rank=args.conv_rank,
-                    rank_pattern=_patterns(args.rank_pattern, "--rank-pattern", int), dtype=args.dtype,
+                    rank_pattern=parse_patterns(args.rank_pattern, "--rank-pattern", int), dtype=args.dtype,
                     progress=Progress("resize"))
     _report(result, args.out)
     return 0

@@ -86,10 +86,11 @@ def underscore_form(name: str) -> str:
     return strip_dialect_prefix(name).replace(".", "_")
 
 
-def pattern_matches(pattern: str, module_path: str) -> bool:
+def pattern_matches(pattern: str, module_path: str, boundary: str = r"\.") -> bool:
     """PEFT `rank_pattern`/`alpha_pattern`/`target_modules` key semantics: a regex on the
-    dotted path, anchored at a path boundary and at the end."""
+    dotted path, anchored at a path boundary and at the end. `boundary` r"[._]" serves
+    underscore module names (kohya), where "to_k" must match "..._attn2_to_k"."""
     try:
-        return re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module_path) is not None
+        return re.fullmatch(rf"(?:.*{boundary})?(?:{pattern})", module_path) is not None
     except re.error:
-        return module_path == pattern or module_path.endswith("." + pattern)
+        return module_path == pattern or module_path.endswith(("." + pattern, "_" + pattern))

@@ -57,7 +57,8 @@ def resize(
       a module whose rank is already <= the target is copied unchanged.
     - other modes (`value` = threshold / ratio / quantile / energy share, see `svd.RankRule`):
       `rank`/`conv_rank` are caps. The spectrum is that of the module's scaled delta.
-    - `rank_pattern` {regex: rank} overrides per module (matched on the module name).
+    - `rank_pattern` {regex: rank} overrides per module (matched on the module name, where
+      "." and "_" both count as boundaries: "to_k" matches "lora_unet_..._attn2_to_k").
     - `dtype`: output dtype (default: the module's stored dtype).
     Modules of other algorithms, and DoRA magnitudes, are copied unchanged and listed in
     `skipped`. Writes `out_path` atomically when given.
@@ -90,7 +91,10 @@ def resize(
         kernel = _kernel_of(adapter)
         is_conv = math.prod(kernel) > 1 if kernel else False
         rule = rules[1] if is_conv else rules[0]
-        forced = pattern_lookup(rank_pattern, name)
+        forced = pattern_lookup(rank_pattern, name, boundary=r"[._]")  # kohya names: "_" separates too
+        if forced is not None and int(forced) == 0:
+            skipped.append((name, "rank 0 by rank_pattern: module dropped"))
+            continue
         if forced is not None:
             rule = RankRule("fixed", int(forced))
         stored = adapter.tensors[DOWN].dtype

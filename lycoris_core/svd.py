@@ -296,15 +296,33 @@ def rank_summary(layers: list[LayerReport]) -> dict:
             "histogram": {str(k): v for k, v in sorted(counts.items())}}
 
 
-def pattern_lookup(patterns: dict | None, module_path: str):
+def pattern_lookup(patterns: dict | None, module_path: str, boundary: str = r"\."):
     """PEFT `rank_pattern`/`alpha_pattern` semantics: the first regex (in order) that matches the
     dotted module path at a path boundary and at its end wins; None when none does."""
     from .keys import pattern_matches
 
     for pattern, value in (patterns or {}).items():
-        if pattern_matches(pattern, module_path):
+        if pattern_matches(pattern, module_path, boundary):
             return value
     return None
+
+
+def parse_patterns(items, label: str, cast) -> dict:
+    """`["REGEX=NUMBER", ...]` -> {regex: number}, in order (the first match wins). The number is
+    after the last `=`, so a regex may contain `=`. Blank items are ignored."""
+    patterns = {}
+    for item in items or ():
+        item = item.strip()
+        if not item:
+            continue
+        regex, sep, number = item.rpartition("=")
+        if not sep or not regex.strip():
+            raise ValueError(f"{label} '{item}' is not REGEX=NUMBER")
+        try:
+            patterns[regex.strip()] = cast(number.strip())
+        except ValueError:
+            raise ValueError(f"{label} '{item}': '{number.strip()}' is not a number") from None
+    return patterns
 
 
 def tucker_for_rule(delta: torch.Tensor, rule: RankRule, max_rank: int | None = None):

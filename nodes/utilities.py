@@ -12,6 +12,7 @@ from ..lycoris_core.dylora import POLICIES, slice_dylora
 from ..lycoris_core.extract import extract
 from ..lycoris_core.resize import resize
 from ..lycoris_core.safe_io import safe_output_path
+from ..lycoris_core.svd import parse_patterns
 from .loader import _adapter_path
 from .weights import PatchedWeights, checkpoint_names
 
@@ -83,6 +84,15 @@ def weighted_adapter_inputs(label: str, tooltip: str, required: int) -> dict:
     return inputs
 
 
+RANK_PATTERN = ("STRING", {"default": "", "multiline": True, "tooltip": "Per-layer ranks, one REGEX=RANK per line "
+                          "(PEFT rank_pattern: the regex matches the end of the dotted module path, e.g. "
+                          "'attn2.to_k=4'); the first matching line wins, 0 skips the layer."})
+
+
+def _patterns(text: str, label: str, cast) -> dict:
+    return parse_patterns((text or "").splitlines(), label, cast)
+
+
 OUTPUT_NAME = ("STRING", {"default": "lycoris_out", "tooltip": "File name for the result in the loras folder "
                           "(sanitised; .safetensors is added). An existing file of that name is replaced."})
 
@@ -104,13 +114,14 @@ class LycorisResize(ReportNode):
             "value": ("FLOAT", {"default": 0.95, "min": 0.0, "max": 1e6, "step": 0.001,
                                 "tooltip": "The mode's parameter (ignored in fixed mode)."}),
             "output_name": OUTPUT_NAME,
-        }}
+        }, "optional": {"rank_pattern": RANK_PATTERN}}
 
-    def run(self, lycoris_name, mode, rank, value, output_name):
+    def run(self, lycoris_name, mode, rank, value, output_name, rank_pattern=""):
         title = "LyCORIS resize"
         return _run(title, lambda: _finish(resize(
             _adapter_path(lycoris_name), mode=mode, value=None if mode == "fixed" else value, rank=rank,
-            progress=_progress()), _output(output_name), title))
+            rank_pattern=_patterns(rank_pattern, "rank_pattern", int), progress=_progress()),
+            _output(output_name), title))
 
 
 class LycorisDyLoRASlice(ReportNode):
@@ -186,10 +197,13 @@ class LycorisExtract(ReportNode):
         }, "optional": {
             "clip_base": ("CLIP", {"tooltip": "Extract the text encoder too: the original CLIP ..."}),
             "clip_tuned": ("CLIP", {"tooltip": "... and the tuned one."}),
+            "rank_pattern": RANK_PATTERN,
+            "alpha_pattern": ("STRING", {"default": "", "multiline": True, "tooltip": "Per-layer alphas, one "
+                              "REGEX=ALPHA per line (PEFT alpha_pattern); default alpha = rank (scale 1)."}),
         }}
 
     def run(self, model_base, model_tuned, mode, rank, conv_rank, value, tucker, output_name, algo="lora",
-            factor=-1, clip_base=None, clip_tuned=None):
+            factor=-1, clip_base=None, clip_tuned=None, rank_pattern="", alpha_pattern=""):
         title = "LyCORIS extract"
         if (clip_base is None) != (clip_tuned is None):
             raise ValueError(f"{title}: connect both clip_base and clip_tuned, or neither")
@@ -197,4 +211,6 @@ class LycorisExtract(ReportNode):
         tuned = PatchedWeights(checkpoint_names(model_tuned, clip_tuned))
         return _run(title, lambda: _finish(extract(
             base, tuned, mode=mode, value=None if mode == "fixed" else value, rank=rank, conv_rank=conv_rank,
-            tucker=tucker, algo=algo, factor=factor, progress=_progress()), _output(output_name), title))
+            tucker=tucker, algo=algo, factor=factor, rank_pattern=_patterns(rank_pattern, "rank_pattern", int),
+            alpha_pattern=_patterns(alpha_pattern, "alpha_pattern", float), progress=_progress()),
+            _output(output_name), title))

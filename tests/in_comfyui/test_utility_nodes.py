@@ -99,3 +99,27 @@ def test_extract_node_recovers_a_loaded_lora(pack, loras, tmp_path):
         want, got, base = patched_weight(tuned, key), patched_weight(reloaded, key), model.model.state_dict()[key]
         worst = max(worst, float((got - want).norm() / (want - base).norm()))
     assert worst < 2e-3, (worst, report)
+
+
+def test_rank_and_alpha_patterns_on_the_nodes(pack, loras):
+    """PEFT-style per-layer patterns: one REGEX=NUMBER per line, first match wins, 0 skips a layer."""
+    from lycoris_pack.lycoris_core import load_adapter_file
+
+    model = tiny_sd15()
+    lycoris_file(model.model.diffusion_model, loras / "src.safetensors", "lora_unet_", "lora", linear_dim=8,
+                 linear_alpha=4)
+    _node(pack, "LycorisResize").run("src.safetensors", "fixed", 2, 0.0, "patterned",
+                                     rank_pattern="attn2.to_k=6\n\nproj_out=0")
+    adapters = load_adapter_file(loras / "patterned.safetensors").adapters
+    assert {a.rank for n, a in adapters.items() if n.endswith("attn2_to_k")} == {6}
+    assert not any(n.endswith("proj_out") for n in adapters)
+    assert {a.rank for n, a in adapters.items() if n.endswith("attn1_to_q")} == {2}
+    loader = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
+    tuned = loader.load(model, "src.safetensors", 1.0, "merge")["result"][0]
+    _node(pack, "LycorisExtract").run(model, tuned, "fixed", 4, 0, 0.0, False, "ex", rank_pattern="to_v=1",
+                                      alpha_pattern="to_v=0.5")
+    extracted = load_adapter_file(loras / "ex.safetensors")
+    to_v = [a for n, a in extracted.adapters.items() if n.endswith("to_v")]
+    assert to_v and all(a.rank == 1 and abs(a.alpha - 0.5) < 1e-6 for a in to_v)
+    with pytest.raises(ValueError, match="rank_pattern 'to_v=x'"):
+        _node(pack, "LycorisResize").run("src.safetensors", "fixed", 2, 0.0, "bad", rank_pattern="to_v=x")
