@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -45,6 +46,32 @@ KOHYA_PREFIXES = (
     ("text_encoders.clip_l.transformer.", "lora_te1_"),
     ("text_encoders.clip_g.transformer.", "lora_te2_"),
 )
+
+
+# open_clip text encoders inside checkpoints (SD2's, SDXL's second) -> the HF layout kohya names use
+OPEN_CLIP_PREFIXES = ("conditioner.embedders.1.model.", "cond_stage_model.model.")
+_OPEN_CLIP_LAYER = re.compile(r"^transformer\.resblocks\.(\d+)\.(attn\.out_proj|attn\.in_proj|mlp\.c_fc|mlp\.c_proj)$")
+_HF_NAMES = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+
+
+def layer_parts(key: str, shape) -> list[tuple[str, slice | None]]:
+    """The layers one weight key holds, as (module path, row slice): open_clip's fused
+    `attn.in_proj_weight` is three (q, k, v), and open_clip paths are renamed to the HF
+    `text_model.encoder.layers.N...` layout, because that is what loaders map for these
+    encoders. Every other key is one layer, its path being the key without `.weight`."""
+    for prefix in OPEN_CLIP_PREFIXES:
+        if key.startswith(prefix):
+            path = key[len(prefix):]
+            path = path[: -len("_weight")] if path.endswith("in_proj_weight") else path[: -len(".weight")]
+            m = _OPEN_CLIP_LAYER.match(path)
+            if m is None:
+                break  # embeddings, norms, text_projection: their own names
+            layer = f"{prefix}text_model.encoder.layers.{m.group(1)}."
+            if m.group(2) == "attn.in_proj":
+                d = shape[0] // 3
+                return [(layer + f"self_attn.{p}_proj", slice(i * d, (i + 1) * d)) for i, p in enumerate("qkv")]
+            return [(layer + _HF_NAMES[m.group(2)], None)]
+    return [(key[: -len(".weight")] if key.endswith(".weight") else key, None)]
 
 
 def kohya_module_name(weight_key: str) -> str:
@@ -283,52 +310,55 @@ def extract(
             if reason:
                 skipped.append((key, reason))
                 continue
-            shape = tuned_src.shape(key)
-            module_path = key[: -len(".weight")]
-            is_conv = len(shape) > 2 and math.prod(shape[2:]) > 1
-            rule = conv_rule if is_conv else linear_rule
-            forced = pattern_lookup(rank_pattern, module_path)
-            if forced is not None:
-                rule = RankRule("fixed", int(forced)) if int(forced) > 0 else None
-            if rule is None:
-                skipped.append((key, "rank 0 for this layer type / pattern"))
-                continue
-            w_base = base_src.tensor(key).to(dev, torch.float32)
-            w_tuned = tuned_src.tensor(key).to(dev, torch.float32)
-            delta = w_tuned - w_base
-            del w_tuned
-            norm = float(delta.norm())
-            if not math.isfinite(norm):
-                raise ValueError(f"{key}: the difference has NaN/Inf values")
-            if norm == 0.0 or norm <= min_change * float(w_base.norm()):
-                skipped.append((key, "unchanged" if norm == 0.0 else f"change below {min_change:g} of the weight"))
-                continue
-            del w_base
-            name = kohya_module_name(key)
-            if name in used_names:  # two keys collapse to one underscored name: keep the dotted one
-                name = module_path
-            used_names[name] = key
-            alpha_override = pattern_lookup(alpha_pattern, module_path)
-            if algo == "lokr":
-                cap = None if rule.mode != "fixed" else int(rule.value)
-                out, stored_rank, approx = _lokr_layer(delta, cap, factor, out_dtype, alpha_override)
-                method = "lokr (nearest Kronecker)"
-                kept = None
-            elif is_conv and tucker:
-                out, stored_rank, approx, kept = _tucker_layer(delta, rule, out_dtype, alpha_override)
-                method = "tucker (HOSVD)"
-            else:
-                out, stored_rank, approx, kept = _lora_layer(delta, rule, out_dtype, alpha_override)
-                method = "locon" if is_conv else "lora"
-            if out is None:
-                skipped.append((key, f"rank 0 under {rule.describe()}"))
-                continue
-            err = _measure(delta, approx)
-            del approx, delta
-            for suffix, tensor in out.items():
-                tensors[f"{name}.{suffix}"] = tensor.cpu()
-            alpha = float(out["alpha"]) if "alpha" in out else None
-            layers.append(LayerReport(name, key, tuple(shape), stored_rank, err, kept, norm, method, alpha))
+            full_shape = tuned_src.shape(key)
+            is_conv = len(full_shape) > 2 and math.prod(full_shape[2:]) > 1
+            w_base = full_delta = None
+            for module_path, rows in layer_parts(key, full_shape):
+                label = key if rows is None else f"{key} ({module_path.rsplit('.', 1)[-1]})"
+                rule = conv_rule if is_conv else linear_rule
+                forced = pattern_lookup(rank_pattern, module_path)
+                if forced is not None:
+                    rule = RankRule("fixed", int(forced)) if int(forced) > 0 else None
+                if rule is None:
+                    skipped.append((label, "rank 0 for this layer type / pattern"))
+                    continue
+                if full_delta is None:
+                    w_base = base_src.tensor(key).to(dev, torch.float32)
+                    full_delta = tuned_src.tensor(key).to(dev, torch.float32) - w_base
+                delta = full_delta if rows is None else full_delta[rows]
+                norm = float(delta.norm())
+                if not math.isfinite(norm):
+                    raise ValueError(f"{key}: the difference has NaN/Inf values")
+                base_norm = float((w_base if rows is None else w_base[rows]).norm())
+                if norm == 0.0 or norm <= min_change * base_norm:
+                    skipped.append((label, "unchanged" if norm == 0.0 else f"change below {min_change:g} of the weight"))
+                    continue
+                name = kohya_module_name(module_path + ".weight")
+                if name in used_names:  # two keys collapse to one underscored name: keep the dotted one
+                    name = module_path
+                used_names[name] = key
+                alpha_override = pattern_lookup(alpha_pattern, module_path)
+                if algo == "lokr":
+                    cap = None if rule.mode != "fixed" else int(rule.value)
+                    out, stored_rank, approx = _lokr_layer(delta, cap, factor, out_dtype, alpha_override)
+                    method = "lokr (nearest Kronecker)"
+                    kept = None
+                elif is_conv and tucker:
+                    out, stored_rank, approx, kept = _tucker_layer(delta, rule, out_dtype, alpha_override)
+                    method = "tucker (HOSVD)"
+                else:
+                    out, stored_rank, approx, kept = _lora_layer(delta, rule, out_dtype, alpha_override)
+                    method = "locon" if is_conv else "lora"
+                if out is None:
+                    skipped.append((label, f"rank 0 under {rule.describe()}"))
+                    continue
+                err = _measure(delta, approx)
+                del approx
+                for suffix, tensor in out.items():
+                    tensors[f"{name}.{suffix}"] = tensor.cpu()
+                alpha = float(out["alpha"]) if "alpha" in out else None
+                layers.append(LayerReport(name, label, tuple(delta.shape), stored_rank, err, kept, norm, method, alpha))
+            del w_base, full_delta
         if progress is not None:
             progress(len(keys), len(keys))
     finally:
@@ -347,7 +377,8 @@ def extract(
 
 
 def _why_skip(key, base_src, tuned_src) -> str | None:
-    if not key.endswith(".weight"):
+    fused_qkv = key.endswith(".attn.in_proj_weight") and key.startswith(OPEN_CLIP_PREFIXES)
+    if not key.endswith(".weight") and not fused_qkv:
         return "not a .weight tensor"
     if key not in base_src:
         return "not in base"

@@ -237,3 +237,32 @@ def test_randomized_and_qr_core_svd_are_accurate():
     u, s, vh = qr_core_svd(up, down)
     assert torch.allclose(s, torch.linalg.svdvals(up @ down)[:12], rtol=1e-4)
     assert torch.allclose(u * s @ vh, up @ down, atol=1e-3)
+
+
+def test_open_clip_text_encoders_get_the_names_loaders_map(tmp_path):
+    """SDXL's second (and SD2's) text encoder is stored in open_clip layout in checkpoints; the
+    extraction names it in the HF layout kohya and ComfyUI use, splitting the fused q/k/v."""
+    from lycoris_core import load_adapter_file
+    from lycoris_core.extract import extract
+
+    g = torch.Generator().manual_seed(0)
+    d, prefix = 16, "conditioner.embedders.1.model.transformer.resblocks.3."
+    base = {prefix + "attn.in_proj_weight": torch.randn(3 * d, d, generator=g),
+            prefix + "attn.out_proj.weight": torch.randn(d, d, generator=g),
+            prefix + "mlp.c_fc.weight": torch.randn(4 * d, d, generator=g),
+            prefix + "mlp.c_proj.weight": torch.randn(d, 4 * d, generator=g)}
+    changes = {k: torch.randn(v.shape[0], 2, generator=g) @ torch.randn(2, v.shape[1], generator=g)
+               for k, v in base.items()}
+    changes[prefix + "attn.in_proj_weight"][d:2 * d] = 0  # k unchanged: skipped, not written
+    tuned = {k: v + changes[k] for k, v in base.items()}
+    result = extract(base, tuned, mode="fixed", rank=2, dtype="fp32", out_path=tmp_path / "te2.safetensors")
+    names = set(load_adapter_file(tmp_path / "te2.safetensors").adapters)
+    layer = "lora_te2_text_model_encoder_layers_3_"
+    assert names == {layer + n for n in ("self_attn_q_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1",
+                                         "mlp_fc2")}, names
+    adapters = load_adapter_file(tmp_path / "te2.safetensors").adapters
+    fused = changes[prefix + "attn.in_proj_weight"]
+    for part, rows in (("q", slice(0, d)), ("v", slice(2 * d, 3 * d))):
+        delta = adapters[f"{layer}self_attn_{part}_proj"].delta(torch.zeros(d, d))
+        torch.testing.assert_close(delta, fused[rows], rtol=1e-4, atol=1e-4)
+    assert any("(k_proj)" in key and reason == "unchanged" for key, reason in result.skipped)
