@@ -2,6 +2,7 @@
 
 from .block_weight_node import LycorisBlockWeight
 from .checkpoint_merge import LycorisMergeToCheckpoint
+from .inspect_node import LycorisInspect
 from .loader import LycorisLoader, LycorisLoaderModelOnly
 from .utilities import LycorisCombine, LycorisDyLoRASlice, LycorisExtract, LycorisResize
 
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "LycorisCombine": LycorisCombine,
     "LycorisExtract": LycorisExtract,
     "LycorisMergeToCheckpoint": LycorisMergeToCheckpoint,
+    "LycorisInspect": LycorisInspect,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LycorisLoader": "Load LyCORIS",
@@ -24,4 +26,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LycorisCombine": "Combine LyCORIS",
     "LycorisExtract": "Extract LyCORIS",
     "LycorisMergeToCheckpoint": "Merge LyCORIS to checkpoint",
+    "LycorisInspect": "Inspect LyCORIS",
 }
