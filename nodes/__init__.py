@@ -5,6 +5,7 @@ from .checkpoint_merge import LycorisMergeToCheckpoint
 from .inspect_node import LycorisInspect
 from .loader import LycorisLoader, LycorisLoaderModelOnly
 from .utilities import LycorisCombine, LycorisDyLoRASlice, LycorisExtract, LycorisResize
+from . import routes  # noqa: F401  (registers the HTTP routes when running inside a ComfyUI server)
 
 NODE_CLASS_MAPPINGS = {
     "LycorisLoader": LycorisLoader,

@@ -18,7 +18,8 @@ from comfyui_runtime import import_comfy  # noqa: E402
 @pytest.fixture(scope="session")
 def e2e_models(tmp_path_factory):
     """A models dir with `checkpoints/<CHECKPOINT_NAME>` (random SD1.x) and `loras/e2e_kohya_lora.safetensors`
-    (kohya LoRA on its UNet transformers and text encoder). Returns (models_dir, shapes)."""
+    (kohya LoRA on its UNet transformers and text encoder; `e2e_kohya_dylora.safetensors` the same as an
+    sd-scripts DyLoRA, rank 8, unit 2). Returns (models_dir, shapes)."""
     import torch
 
     import_comfy()  # the generator uses ComfyUI's own model classes
@@ -29,6 +30,7 @@ def e2e_models(tmp_path_factory):
         make_models.write_checkpoint(models / "checkpoints" / make_models.CHECKPOINT_NAME)
         shapes = make_models.weight_shapes()
         make_models.write_kohya_lora(models / "loras" / "e2e_kohya_lora.safetensors", shapes, rank=4, seed=1)
+        make_models.write_kohya_dylora(models / "loras" / "e2e_kohya_dylora.safetensors", shapes, rank=8, unit=2, seed=2)
     return models, shapes
 
 

@@ -15,11 +15,13 @@
 
 Stored in fp16 (half the bytes of fp32); a fixed seed makes the files reproducible.
 `weight_shapes()` lists the checkpoint's keys/shapes (built on the meta device: instant) and
-`kohya_lora()` makes a LoRA in kohya naming (`lora_unet_...`, `lora_te_...`) matching them.
+`kohya_lora()` makes a LoRA in kohya naming (`lora_unet_...`, `lora_te_...`) matching them;
+`write_kohya_dylora()` writes one as sd-scripts' `networks.dylora` does (same keys, DyLoRA metadata).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -154,3 +156,16 @@ def write_kohya_lora(path: Path, shapes: dict[str, tuple[int, ...]] | None = Non
     """Write `kohya_lora(shapes or weight_shapes(), **kwargs)` to `path` (atomically)."""
     tensors = kohya_lora(shapes if shapes is not None else weight_shapes(), **kwargs)
     return save_safetensors(Path(path), tensors, {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
+
+
+def write_kohya_dylora(path: Path, shapes: dict[str, tuple[int, ...]] | None = None, *, rank: int = 8,
+                       unit: int = 2, **kwargs) -> Path:
+    """A DyLoRA as sd-scripts' `networks.dylora` saves it: the LoRA key layout (`lora_down`,
+    `lora_up`, `alpha`) at the full rank, told apart by its metadata (module and `unit`), which
+    lycoris_core.dylora reads to pick the alpha policy and the rank step. Its training tags
+    (`ss_tag_frequency`) give inspection some trigger words to find."""
+    tensors = kohya_lora(shapes if shapes is not None else weight_shapes(), rank=rank, **kwargs)
+    return save_safetensors(Path(path), tensors, {
+        "ss_network_module": "networks.dylora", "ss_network_dim": str(rank),
+        "ss_network_args": json.dumps({"unit": str(unit)}), "ss_base_model_version": "sd_v1",
+        "ss_tag_frequency": json.dumps({"10_e2e": {"lycoris flower": 12, "watercolor": 5}, "5_more": {"watercolor": 3}})})

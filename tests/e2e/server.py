@@ -201,6 +201,15 @@ class ComfyServer:
     def get_json(self, path: str, timeout: float = 30):
         return self._request(path, timeout=timeout)
 
+    def get_raw(self, path: str, timeout: float = 30) -> tuple[int, bytes]:
+        """(HTTP status, body bytes) of a GET, error statuses included (nothing raised for them).
+        `path` is sent as given: encode its query yourself."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
     def object_info(self, node_class: str | None = None) -> dict:
         """`/object_info` (every node) or `/object_info/<node_class>` ({} if it is not registered)."""
         return self.get_json("/object_info" + (f"/{node_class}" if node_class else ""), timeout=120)
