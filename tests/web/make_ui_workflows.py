@@ -1,0 +1,153 @@
+"""Write example_workflows/<name>.json (UI format, for drag-and-drop) from each <name>_api.json.
+
+    .venv/bin/python tests/web/make_ui_workflows.py [NAME_api.json ...]
+
+Runs the real front-end: a ComfyUI server with this pack (the pinned runtime unless COMFYUI_PATH
+says otherwise; its UI files load in the current front-end too) and headless Chromium. Each API
+workflow goes through the front-end's own `app.loadApiJson`; widget values are then set back to
+exactly the API file's inputs (loading runs widget callbacks, e.g. the block-weight editor fills
+`weights` from a preset), seeds are fixed, the graph is laid out left to right, and
+`app.graph.serialize()` is written after checking that `app.graphToPrompt()` gives the API
+file's nodes and inputs back. The models the workflows name are generated as for the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+WORKFLOWS = REPO / "example_workflows"
+for path in (HERE.parent, HERE, REPO / "scripts"):
+    if str(path) not in sys.path:
+        sys.path.append(str(path))
+
+SETTLE_JS = """() => new Promise((resolve) => setTimeout(resolve, 50))"""
+
+RESTORE_JS = """(api) => {
+    // the API inputs, exactly; callbacks are not run (loading already ran them once)
+    for (const [id, data] of Object.entries(api)) {
+        const node = app.graph.getNodeById(Number(id));
+        for (const [name, value] of Object.entries(data.inputs)) {
+            if (Array.isArray(value)) continue;
+            const widget = node.widgets?.find((w) => w.name === name);
+            if (widget) widget.value = value;
+        }
+        for (const widget of node.widgets ?? []) {
+            if (widget.name === "control_after_generate") widget.value = "fixed";
+        }
+    }
+    for (const node of app.graph._nodes) {  // room for file names in combos
+        if (node.widgets?.length && node.size[0] < 380) node.setSize([380, node.size[1]]);
+    }
+    app.graph.arrange(60);
+    const nodes = app.graph._nodes;
+    const left = Math.min(...nodes.map((n) => n.pos[0])), top = Math.min(...nodes.map((n) => n.pos[1]));
+    for (const node of nodes) node.pos = [Math.round(node.pos[0] - left + 40), Math.round(node.pos[1] - top + 60)];
+    app.graph.setDirtyCanvas(true, true);
+}"""
+
+
+def _default(spec) -> object:
+    """The default value of an input spec from /object_info ([type or choices, options])."""
+    kind, options = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+    if "default" in options:
+        return options["default"]
+    if isinstance(kind, list):
+        return kind[0] if kind else None
+    return {"STRING": "", "BOOLEAN": False, "INT": 0, "FLOAT": 0.0}.get(kind)
+
+
+def _plain(value):
+    """Links compare as lists (JSON has no tuples)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def same_prompt(prompt: dict, api: dict, object_info: dict) -> list[str]:
+    """Differences between a front-end prompt (graphToPrompt's output) and an API workflow: node
+    ids, class types and inputs. The front-end's `_meta` titles are ignored, and so is an optional
+    widget input the API file leaves out while the front-end sends its default (the front-end
+    always sends its widgets; the node reads the same either way)."""
+    problems = []
+    if set(prompt) != set(api):
+        problems.append(f"node ids {sorted(prompt)} != {sorted(api)}")
+    for node_id in sorted(set(prompt) & set(api)):
+        got, want = prompt[node_id], api[node_id]
+        if got["class_type"] != want["class_type"]:
+            problems.append(f"node {node_id}: {got['class_type']} != {want['class_type']}")
+            continue
+        optional = object_info.get(want["class_type"], {}).get("input", {}).get("optional", {})
+        for name in sorted(set(got["inputs"]) | set(want["inputs"])):
+            if name not in want["inputs"]:
+                value = got["inputs"][name]
+                if not (name in optional and not isinstance(value, list) and value == _default(optional[name])):
+                    problems.append(f"node {node_id} ({want['class_type']}): the front-end adds {name}={value!r}")
+            elif name not in got["inputs"]:
+                problems.append(f"node {node_id} ({want['class_type']}): the front-end drops {name}")
+            elif _plain(got["inputs"][name]) != _plain(want["inputs"][name]):
+                problems.append(f"node {node_id} ({want['class_type']}): {name} is {got['inputs'][name]!r}, "
+                                f"the API file has {want['inputs'][name]!r}")
+    return problems
+
+
+def ui_workflow(page, api: dict, object_info: dict) -> dict:
+    """The UI-format workflow the front-end makes of `api` (see the module docstring)."""
+    import time
+
+    page.page.evaluate("(api) => app.loadApiJson(api, 'workflow.json')", api)
+    time.sleep(1.5)  # route answers land, editors resize their nodes
+    page.page.evaluate(RESTORE_JS, api)
+    page.settle(0.5)
+    problems = same_prompt(page.graph_to_prompt(), api, object_info)
+    if problems:
+        raise SystemExit("the front-end does not give the API workflow back:\n" + "\n".join(problems))
+    workflow = page.page.evaluate("() => app.graph.serialize()")
+    workflow.pop("extra", None)  # view state of this browser window
+    return workflow
+
+
+def write_models(models: Path) -> None:
+    """The checkpoint and adapters the example workflows name (as the browser tests make them)."""
+    import torch
+
+    import run_main_job
+    from comfyui_runtime import import_comfy
+
+    import_comfy()
+    from e2e import make_models
+
+    with torch.inference_mode():
+        make_models.write_checkpoint(models / "checkpoints" / make_models.CHECKPOINT_NAME)
+        shapes = make_models.weight_shapes()
+        make_models.write_kohya_lora(models / "loras" / "e2e_kohya_lora.safetensors", shapes, rank=4, seed=1)
+        make_models.write_kohya_dylora(models / "loras" / "e2e_kohya_dylora.safetensors", shapes, rank=8, unit=2,
+                                       seed=2)
+    run_main_job.write_models(models)
+
+
+def main(names: list[str]) -> None:
+    from comfy_browser import ComfyPage, launch_chromium
+    from e2e.server import ComfyServer
+
+    sources = [WORKFLOWS / name for name in names] if names else sorted(WORKFLOWS.glob("*_api.json"))
+    with tempfile.TemporaryDirectory(prefix="lycoris-ui-workflows-") as work:
+        models = Path(work) / "models"
+        write_models(models)
+        with ComfyServer(Path(work) / "server", models) as server, launch_chromium() as browser:
+            page = ComfyPage(browser.new_page(), server.url)
+            page.open()
+            object_info = server.object_info()
+            for source in sources:
+                api = json.loads(source.read_text())
+                target = source.with_name(source.name.replace("_api.json", ".json"))
+                target.write_text(json.dumps(ui_workflow(page, api, object_info), indent=2) + "\n")
+                print(f"wrote {target.relative_to(REPO)}")
+            if page.pack_errors():
+                raise SystemExit("the pack's front-end raised:\n" + "\n".join(page.pack_errors()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,247 @@
+"""The pack's front-end in headless Chromium on the real ComfyUI page (the runtime under test:
+the pinned March-2024 front-end, or the current one with COMFYUI_PATH).
+
+What a person does is what the tests do: load an example workflow, pick a preset in the node's
+combo with the mouse, type block weights into the editor's cells with the keyboard, click the
+queue button, and read what the server ran from its history. The oracle for every weights text
+is lycoris_core's own parser (what the node reads); screenshots go to out/test_artifacts/."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from make_ui_workflows import same_prompt
+
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOWS = REPO / "example_workflows"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / name).read_text())
+
+
+def vector(text: str, architecture: str = "sd1") -> dict[str, float]:
+    """What the node reads from `text` (seed 0, as the /lycoris/blocks presets)."""
+    from lycoris_core.block_weights import parse_block_weights
+    from lycoris_core.blocks import architecture_blocks
+
+    return parse_block_weights(text, architecture, architecture_blocks(architecture), seed=0).vector
+
+
+def items(text: str) -> list[tuple[str, float]]:
+    return [(selector.strip(), float(value)) for selector, value in
+            (item.split("=") for item in text.split(", ") if item)]
+
+
+def cell_values(page, node_id: int) -> dict[str, float | None]:
+    return page.page.evaluate(
+        """(id) => Object.fromEntries([...document.querySelectorAll(
+               `.lycoris-blocks[data-lycoris-node="${id}"] input[data-lycoris-block]`)]
+               .map((input) => [input.dataset.lycorisBlock, Number.isNaN(input.valueAsNumber) ? null : input.valueAsNumber]))""",
+        node_id)
+
+
+def editor(page, node_id: int):
+    return page.page.locator(f'.lycoris-blocks[data-lycoris-node="{node_id}"]')
+
+
+def wait_text(locator, pattern: str, timeout: float = 20_000) -> str:
+    """The locator's text once it matches `pattern` (a regular expression)."""
+    from playwright.sync_api import expect
+
+    expect(locator).to_contain_text(re.compile(pattern), timeout=timeout)
+    return locator.inner_text()
+
+
+def test_block_weights_typed_in_the_editor_are_what_the_server_runs(comfy_page, web_server, artifacts):
+    page = comfy_page
+    page.load_workflow(workflow("lycoris_block_weight.json"))
+    node = page.node_id("LycorisBlockWeight")
+    assert page.widget_value(node, "preset") == "SD-INALL" and page.widget_value(node, "weights") == ""
+
+    # auto: the editor followed the model link to the checkpoint and shows the preset's values
+    wait_text(editor(page, node).locator(".lycoris-status"), r"^sd1 · 27 blocks of e2e_tiny_sd15")
+    assert cell_values(page, node) == vector("SD-INALL")
+
+    # a preset picked in the combo menu fills the cells and writes its named weights
+    page.choose_combo(node, "preset", "SD-OUTALL")
+    assert page.widget_value(node, "preset") == "SD-OUTALL"
+    written = page.widget_value(node, "weights")
+    assert vector(written) == vector("SD-OUTALL") != vector("SD-INALL"), written
+    assert all(value != 1 for _, value in items(written)), written  # only the blocks not at 1
+    assert cell_values(page, node) == vector("SD-OUTALL")
+
+    # typing into two cells: the text follows, the preset no longer applies
+    page.type_into(page.block_cell(node, "IN04"), "0.5")
+    page.type_into(page.block_cell(node, "OUT05"), "0.25")
+    expected = {**vector("SD-OUTALL"), "IN04": 0.5, "OUT05": 0.25}
+    weights = page.widget_value(node, "weights")
+    assert vector(weights) == expected, weights
+    assert all(value != 1 for _, value in items(weights)), weights
+    assert page.widget_value(node, "preset") == "none"
+    assert cell_values(page, node) == expected
+
+    # queued with the front-end's button: the server runs exactly what the widget wrote
+    prompt_id = page.queue_with_button()
+    entry = web_server.wait_history(prompt_id, timeout=240)
+    ran = entry["prompt"][2][str(node)]["inputs"]
+    assert (ran["preset"], ran["weights"]) == ("none", weights)
+    [image] = web_server.output_files(entry)
+    assert image.read_bytes()[:8] == PNG
+    loader = str(page.node_id("LycorisLoader"))
+    from lycoris_core.block_weights import parse_block_weights
+    from lycoris_core.blocks import architecture_blocks
+
+    resolved = parse_block_weights(weights, "sd1", architecture_blocks("sd1")).describe(compact=True)
+    report = "\n".join(entry["outputs"][loader]["text"])
+    assert f"block weights (named, sd1): {resolved}" in report, report
+
+    # the node's report comes back to the editor; a person looks at the screenshot
+    wait_text(editor(page, node).locator(".lycoris-report"), r"LyCORIS Block Weight \(sd1\)")
+    page.view_from_left()
+    shot = page.screenshot(artifacts / "browser_block_weights.png")
+    assert shot.read_bytes()[:8] == PNG
+
+
+def test_info_panel_shows_what_the_selected_file_holds(comfy_page, e2e_models, artifacts):
+    from lycoris_core import load_adapter_file
+    from lycoris_core.inspection import summarize
+
+    page = comfy_page
+    models, _ = e2e_models
+    page.load_workflow(workflow("lycoris_loader.json"))
+    node = page.node_id("LycorisLoader")
+    name = page.widget_value(node, "lycoris_name")
+    panel = page.page.locator(f'.lycoris-info[data-lycoris-node="{node}"]')
+
+    summary = summarize(load_adapter_file(models / "loras" / name))
+    assert len(summary["algorithms"]) > 1 and summary["trigger_words"]  # a mixed file with trigger words
+    text = wait_text(panel, "algorithms:")
+    for algorithm, count in summary["algorithms"].items():
+        assert f"{algorithm} ×{count}" in text, text
+    assert f"rank: {', '.join(map(str, summary['ranks']))}" in text, text
+    assert f"base model: {summary['training']['ss_base_model_version']}" in text, text
+    assert f"trigger words: {summary['trigger_words'][0][0]}" in text, text
+    page.view_from_left()
+    page.screenshot(artifacts / "browser_info_panel.png")
+
+    # another file picked in the combo menu: the panel follows
+    page.choose_combo(node, "lycoris_name", "e2e_kohya_lora.safetensors")
+    other = summarize(load_adapter_file(models / "loras" / "e2e_kohya_lora.safetensors"))
+    [(algorithm, count)] = other["algorithms"].items()
+    text = wait_text(panel, rf"algorithms: {algorithm} ×{count} ")
+    assert "loha" not in text and "trigger words: none recorded" in text, text
+
+    # a name the loras folders do not list: the server's refusal, shown politely
+    page.page.evaluate("(id) => { app.graph.getNodeById(id).widgets.find((w) => w.name === 'lycoris_name')"
+                       ".value = 'gone.safetensors'; }", node)
+    page.settle()
+    text = wait_text(panel, "cannot show")
+    assert "cannot show gone.safetensors: 'gone.safetensors' is not in the loras folders" in text, text
+
+
+def test_editor_reads_the_architecture_from_the_combo_or_through_a_reroute(comfy_page):
+    from lycoris_core.blocks import architecture_blocks
+
+    page = comfy_page
+    node = page.page.evaluate("""() => {
+        app.graph.clear();
+        const node = LiteGraph.createNode("LycorisBlockWeight");
+        node.pos = [100, 100];
+        app.graph.add(node);
+        return node.id;
+    }""")
+    page.settle()
+    wait_text(editor(page, node), "connect a model or pick the architecture")
+    assert cell_values(page, node) == {}
+
+    page.choose_combo(node, "architecture", "flux")
+    wait_text(editor(page, node).locator(".lycoris-status"), r"^flux · 60 blocks")
+    assert list(cell_values(page, node)) == architecture_blocks("flux")
+    page.choose_combo(node, "preset", "FLUX-DBL-ALL")
+    written = page.widget_value(node, "weights")
+    assert vector(written, "flux") == vector("FLUX-DBL-ALL", "flux"), written
+
+    # auto again, the model through a reroute: the checkpoint's architecture
+    page.page.evaluate("""(id) => {
+        const node = app.graph.getNodeById(id);
+        const loader = LiteGraph.createNode("CheckpointLoaderSimple");
+        loader.pos = [100, 600];
+        app.graph.add(loader);
+        loader.widgets.find((w) => w.name === "ckpt_name").value = "e2e_tiny_sd15.safetensors";
+        const reroute = LiteGraph.createNode("Reroute");
+        reroute.pos = [500, 600];
+        app.graph.add(reroute);
+        loader.connect(0, reroute, 0);
+        reroute.connect(0, node, node.inputs.findIndex((input) => input.name === "model"));
+        node.widgets.find((w) => w.name === "architecture").value = "auto";
+    }""", node)
+    page.settle()
+    wait_text(editor(page, node).locator(".lycoris-status"), r"^sd1 · 27 blocks of e2e_tiny_sd15")
+
+
+def test_weights_text_round_trips_through_the_nodes_parser(comfy_page):
+    """The editor's writer and reader (web/js/lycoris_weights_text.js) against lycoris_core's parser."""
+    from lycoris_core.block_weights import BlockWeightError
+    from lycoris_core.blocks import architecture_blocks
+
+    page = comfy_page
+    url = page.page.evaluate("async () => (await (await fetch('/extensions')).json())"
+                             ".find((path) => path.endsWith('/lycoris_weights_text.js'))")
+    assert url, "the pack's web/js is not served"
+    rng = random.Random(7)
+    cases = []
+    for architecture in ("sd1", "sdxl", "flux", "wan"):
+        ids = architecture_blocks(architecture)
+        for _ in range(6):
+            values = {i: rng.choice([0.0, 0.25, 0.5, 1.0, 1.0, 1.0, 1.5, -0.5]) for i in ids}
+            cases.append((architecture, ids, values))
+        cases.append((architecture, ids, {i: 1.0 for i in ids}))
+    texts = page.page.evaluate(
+        """async ([url, cases]) => {
+            const { formatWeights } = await import(url);
+            return cases.map(([arch, ids, values]) => formatWeights(ids, values));
+        }""", [url, cases])
+    for (architecture, ids, values), text in zip(cases, texts):
+        if all(v == 1 for v in values.values()):
+            assert text == ""
+        assert vector(text, architecture) == values, (architecture, text)
+        assert all(value != 1 for _, value in items(text)), text
+
+    sd1 = architecture_blocks("sd1")
+    readable = ["IN04=0.5, OUT*=0", "in4=0.5; MID=2", "IN05-OUT05=0.3", "DEFAULT=0, IN=1, TE=0.5",
+                "*=0.5\nTE=0", "OUT0?=0, OUT1?=0.2", "M=0.7, BASE=0", "IN00-IN11=0, M00=0.5, OUT00-OUT11=1"]
+    refused = ["1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1", "IN04=R", "%in=0", "XX=1", "OUT05-IN05=1", "SD-MIDD"]
+    answers = page.page.evaluate(
+        """async ([url, ids, texts]) => {
+            const { parseNamedWeights } = await import(url);
+            return texts.map((text) => parseNamedWeights(text, ids));
+        }""", [url, sd1, readable + refused])
+    for text, answer in zip(readable, answers):
+        assert answer.get("values") == vector(text), (text, answer)
+    for text, answer in zip(refused, answers[len(readable):]):
+        assert "error" in answer and "values" not in answer, (text, answer)
+    for text in ("XX=1", "OUT05-IN05=1"):  # the node refuses these too
+        with pytest.raises(BlockWeightError):
+            vector(text)
+
+
+def test_every_ui_workflow_gives_its_api_twin(comfy_page, web_server):
+    """example_workflows/<name>.json (UI) loads in the front-end and queues as <name>_api.json."""
+    page = comfy_page
+    object_info = web_server.object_info()
+    apis = sorted(WORKFLOWS.glob("*_api.json"))
+    uis = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
+    assert [p.name.replace("_api.json", ".json") for p in apis] == [p.name for p in uis]
+    for api_path in apis:
+        ui = workflow(api_path.name.replace("_api.json", ".json"))
+        assert "nodes" in ui and "links" in ui, f"{api_path.name}'s twin is not in UI format"
+        page.load_workflow(ui)
+        problems = same_prompt(page.graph_to_prompt(), json.loads(api_path.read_text()), object_info)
+        assert not problems, f"{api_path.name}: " + "\n".join(problems)
