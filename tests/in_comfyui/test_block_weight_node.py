@@ -4,14 +4,13 @@ bypass modes; a block at 0 stays bit-identical; user preset files are read as th
 
 from __future__ import annotations
 
-import copy
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tiny_models import TINY_UNET, _randomise, patched_state_dict
+from tiny_models import TINY_UNET, _randomise, lycoris_file, patched_state_dict, unet_output
 
 # the SD1 UNet layout (12 input blocks, 2 res blocks per level), with tiny channels
 SD1_LAYOUT = dict(TINY_UNET, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
@@ -28,26 +27,6 @@ def sd1_model(seed: int = 0):
     model = comfy.supported_models.SD15(dict(SD1_LAYOUT)).get_model({})
     _randomise(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-
-
-def attention_adapter(root, path, algo, seed=0, **kwargs):
-    """A LyCORIS file on the UNet's transformer blocks only (what a LoRA trains, and what Inspire's
-    17-value vectors were made for), written with kohya names. Returns (network, wrapped copy)."""
-    from lycoris import LycorisNetwork, create_lycoris
-    from safetensors.torch import load_file, save_file
-
-    torch.manual_seed(seed)
-    LycorisNetwork.apply_preset({"target_module": ["SpatialTransformer"], "target_name": []})
-    wrapped = copy.deepcopy(root)
-    net = create_lycoris(wrapped, 1.0, algo=algo, linear_dim=4, linear_alpha=2, **kwargs)
-    net.apply_to()
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.dim() >= 1:
-                p.add_(torch.randn_like(p) * 0.05)
-    net.save_weights(str(path), torch.float32, {})
-    save_file({"lora_unet_" + k[len("lycoris_"):]: v for k, v in load_file(str(path)).items()}, str(path))
-    return net, wrapped
 
 
 def block_of(module_path: str) -> str:
@@ -76,7 +55,9 @@ def setup(pack, tmp_path_factory):
     cache.clear()
     model = sd1_model()
     path = folder / "attn_loha.safetensors"
-    net, wrapped = attention_adapter(model.model.diffusion_model, path, "loha")
+    # the transformer blocks only: what a LoRA trains, and what Inspire's 17-value vectors were made for
+    net, wrapped = lycoris_file(model.model.diffusion_model, path, "lora_unet_", "loha",
+                                target_module=["SpatialTransformer"])
     return model, path, net, wrapped
 
 
@@ -125,14 +106,7 @@ def test_bypass_mode_uses_the_same_block_weights(pack, setup):
     assert not any(".input_blocks." in k or ".middle_block." in k for k in bypassed.object_patches)
     torch.manual_seed(0)
     x, t, context = torch.randn(1, 4, 32, 32), torch.tensor([500.0]), torch.randn(1, 5, 64)
-    outputs = []
-    for patcher in (merged, bypassed):
-        patcher.patch_model()
-        try:
-            with torch.no_grad():
-                outputs.append(patcher.model.diffusion_model(x, t, context=context))
-        finally:
-            patcher.unpatch_model()
+    outputs = [unet_output(patcher, x, t, context) for patcher in (merged, bypassed)]
     assert float((outputs[0] - outputs[1]).norm() / outputs[0].norm()) < 1e-5
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tiny_models import lycoris_file, patched_state_dict, tiny_clip, tiny_sd15
+from tiny_models import lycoris_file, patched_state_dict, tiny_clip, tiny_sd15, unet_output
 
 ADDITIVE = {
     "lora": {},
@@ -257,12 +257,7 @@ def test_stacked_bypass_adapters_equal_stacked_merges(pack, tmp_path):
         assert once.patches == {} or mode == "merge"
         torch.manual_seed(0)
         x, t, context = torch.randn(1, 4, 16, 16), torch.tensor([300.0]), torch.randn(1, 5, 64)
-        twice.patch_model()
-        try:
-            with torch.no_grad():
-                outputs.append(twice.model.diffusion_model(x, t, context=context))
-        finally:
-            twice.unpatch_model()
+        outputs.append(unet_output(twice, x, t, context))
     assert float((outputs[0] - outputs[1]).norm() / outputs[0].norm()) < 1e-5
 
 

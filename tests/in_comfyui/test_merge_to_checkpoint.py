@@ -3,14 +3,17 @@ names mapped with ComfyUI's key map (diffusers and ldm kohya names, the text enc
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 
-def test_merge_to_checkpoint_bakes_every_module(pack, tmp_path):
+@pytest.fixture
+def folders(pack, tmp_path):
+    """(checkpoints folder with a tiny SD1 `base.safetensors`, empty loras folder, the checkpoint's
+    shapes), both folders in use by ComfyUI."""
     from comfyui_runtime import use_checkpoints_folder, use_loras_folder
     from e2e import make_models
-    from lycoris_pack.lycoris_core import decode_tensors
 
     checkpoints, loras = tmp_path / "checkpoints", tmp_path / "loras"
     loras.mkdir()
@@ -19,6 +22,14 @@ def test_merge_to_checkpoint_bakes_every_module(pack, tmp_path):
         shapes = make_models.weight_shapes()
     use_checkpoints_folder(checkpoints)
     use_loras_folder(loras)
+    return checkpoints, loras, shapes
+
+
+def test_merge_to_checkpoint_bakes_every_module(pack, folders, tmp_path):
+    from e2e import make_models
+    from lycoris_pack.lycoris_core import decode_tensors
+
+    checkpoints, loras, shapes = folders
     tensors = {k: v.float() for k, v in make_models.kohya_lora(shapes, seed=5).items()}  # ldm + lora_te_ names
     g = torch.Generator().manual_seed(6)
     diffusers_name = "lora_unet_down_blocks_0_attentions_0_proj_in"  # = input_blocks.1.1.proj_in
@@ -47,21 +58,13 @@ def test_merge_to_checkpoint_bakes_every_module(pack, tmp_path):
     assert set(merged) == set(base) and not (tmp_path / "merged.safetensors").exists()
 
 
-def test_merge_to_checkpoint_applies_block_weights(pack, tmp_path):
+def test_merge_to_checkpoint_applies_block_weights(pack, folders):
     """Per-block strength binds to the checkpoint's own block ids; a block at 0 is copied bit for bit."""
-    import pytest
-    from comfyui_runtime import use_checkpoints_folder, use_loras_folder
     from e2e import make_models
     from lycoris_pack.lycoris_core import decode_tensors
     from lycoris_pack.lycoris_core.blocks import block_id
 
-    checkpoints, loras = tmp_path / "checkpoints", tmp_path / "loras"
-    loras.mkdir()
-    with torch.inference_mode():
-        make_models.write_checkpoint(checkpoints / "base.safetensors")
-        shapes = make_models.weight_shapes()
-    use_checkpoints_folder(checkpoints)
-    use_loras_folder(loras)
+    checkpoints, loras, shapes = folders
     tensors = {k: v.float() for k, v in make_models.kohya_lora(shapes, seed=7).items()}
     save_file(tensors, str(loras / "a.safetensors"))
     node = pack.NODE_CLASS_MAPPINGS["LycorisMergeToCheckpoint"]()

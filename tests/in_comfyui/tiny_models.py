@@ -64,8 +64,10 @@ def tiny_clip(tmp_path, seed: int = 1):
     return clip
 
 
-def lycoris_file(root_module: torch.nn.Module, path, prefix: str, algo: str, seed: int = 0, **kwargs):
+def lycoris_file(root_module: torch.nn.Module, path, prefix: str, algo: str, seed: int = 0,
+                 target_module=("Linear", "Conv2d"), **kwargs):
     """Wrap a copy of `root_module` with lycoris-lora, randomise, save with `prefix` names.
+    `target_module`: the module classes lycoris-lora adapts (or whose layers it adapts).
 
     Returns (network, wrapped copy) so tests can run the trainer's forward as the oracle.
     """
@@ -73,7 +75,7 @@ def lycoris_file(root_module: torch.nn.Module, path, prefix: str, algo: str, see
     from safetensors.torch import load_file, save_file
 
     torch.manual_seed(seed)
-    LycorisNetwork.apply_preset({"target_module": ["Linear", "Conv2d"]})
+    LycorisNetwork.apply_preset({"target_module": list(target_module), "target_name": []})
     wrapped = copy.deepcopy(root_module)
     kwargs = {"linear_dim": 4, "linear_alpha": 2, **kwargs}
     net = create_lycoris(wrapped, 1.0, algo=algo, **kwargs)
@@ -87,6 +89,16 @@ def lycoris_file(root_module: torch.nn.Module, path, prefix: str, algo: str, see
     renamed = {prefix + k[len("lycoris_"):]: v for k, v in tensors.items()}
     save_file(renamed, str(path))
     return net, wrapped
+
+
+def unet_output(patcher, x, t, context):
+    """The patched model's diffusion-model output (patches applied for the call, then removed)."""
+    patcher.patch_model()
+    try:
+        with torch.no_grad():
+            return patcher.model.diffusion_model(x, t, context=context)
+    finally:
+        patcher.unpatch_model()
 
 
 def patched_state_dict(patcher) -> dict:
