@@ -21,8 +21,9 @@ def model_keys(model, clip=None) -> list[str]:
     return keys
 
 
-def read_block_weights(text: str, model=None, clip=None, architecture: str = AUTO):
-    """`text` read for the connected model, or for `architecture` when there is none."""
+def read_block_weights(text: str, model=None, clip=None, architecture: str = AUTO, **options):
+    """`text` read for the connected model, or for `architecture` when there is none. `options`:
+    `seed`, `a`, `b`, `inverse` of `parse_block_weights` (Inspire's seed, A, B and inverse)."""
     if model is not None:
         keys = model_keys(model, clip)
         detected = detect_architecture(keys)
@@ -31,7 +32,7 @@ def read_block_weights(text: str, model=None, clip=None, architecture: str = AUT
         raise BlockWeightError("connect a model or choose the architecture the weights are for")
     else:
         detected, ids = architecture, architecture_blocks(architecture)
-    return parse_block_weights(text, detected, ids, user_presets())
+    return parse_block_weights(text, detected, ids, user_presets(), **options)
 
 
 class LycorisBlockWeight:
@@ -62,12 +63,20 @@ class LycorisBlockWeight:
         }, "optional": {
             "model": ("MODEL", {"tooltip": "The model the weights will be applied to: its blocks decide which ids "
                       "exist and how many values a vector needs."}),
+            # Inspire-Pack's parameters, so its presets that use R/U/A/B tokens read as they do there
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Seed of the random "
+                     "tokens R and U (Inspire: R uniform 0..3, U uniform -1.5..1.5)."}),
+            "A": ("FLOAT", {"default": 4.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                            "tooltip": "The value of the token A (a is A/2)."}),
+            "B": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                            "tooltip": "The value of the token B (b is B/2)."}),
+            "inverse": ("BOOLEAN", {"default": False, "tooltip": "Every weight w becomes 1 - w (Inspire's inverse)."}),
         }}
 
-    def run(self, preset, weights, architecture, model=None):
+    def run(self, preset, weights, architecture, model=None, seed=0, A=4.0, B=1.0, inverse=False):
         text = weights if weights and weights.strip() else ("" if preset == NONE else preset)
         try:
-            blocks = read_block_weights(text, model, None, architecture)
+            blocks = read_block_weights(text, model, None, architecture, seed=seed, a=A, b=B, inverse=inverse)
         except (BlockWeightError, ValueError) as error:
             raise ValueError(f"LyCORIS Block Weight: {error}") from None
         lines = [f"LyCORIS Block Weight ({blocks.architecture}): {blocks.summary()}"]

@@ -144,3 +144,26 @@ def test_user_preset_files_are_read_as_they_are(pack, setup, tmp_path, monkeypat
     assert "M00=0" in text and "OUT03-OUT05=1" in text and "OUT06-OUT11=0" in text, text
     text, _ = node.run("none", "MINE", "auto", model)["result"]
     assert "IN04=0.25" in text and "OUT00-OUT11=0" in text, text
+
+
+def test_inspire_parameters_seed_a_b_inverse(pack, setup):
+    """SD-AB (A,B,B,...,A) reads with the node's A and B; inverse gives 1 - w; R is drawn per seed."""
+    from lycoris_pack.lycoris_core.block_weights import parse_block_weights
+    from lycoris_pack.lycoris_core.blocks import architecture_blocks
+
+    model, _, _, _ = setup
+    node = pack.NODE_CLASS_MAPPINGS["LycorisBlockWeight"]()
+    ids = architecture_blocks("sd1")
+
+    def weights(**kwargs):
+        text = node.run("none", kwargs.pop("text", "SD-AB"), "auto", model, **kwargs)["result"][0]
+        return parse_block_weights(text, "sd1", ids)
+
+    ab = weights(A=0.3, B=0.7)
+    assert ab.weight("BASE") == pytest.approx(0.3) and ab.weight("IN01") == pytest.approx(0.7)
+    assert ab.weight("OUT07") == pytest.approx(0.3)
+    inverse = weights(A=0.3, B=0.7, inverse=True)
+    assert inverse.weight("BASE") == pytest.approx(0.7) and inverse.weight("IN01") == pytest.approx(0.3)
+    first, again, other = (weights(text="SD-ROUT", seed=s) for s in (5, 5, 6))
+    assert first.weight("OUT05") == again.weight("OUT05") != other.weight("OUT05")
+    assert 0.0 <= first.weight("OUT05") < 3.0 and first.weight("IN01") == 1.0
