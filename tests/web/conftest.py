@@ -20,6 +20,7 @@ for path in (HERE.parent, HERE, REPO / "scripts"):  # comfyui_runtime + e2e; com
 from e2e.conftest import e2e_models  # noqa: E402,F401  (the generated checkpoint and LoRAs)
 
 ARTIFACTS = REPO / "out" / "test_artifacts"
+NO_VUE_NODES = "the March-2024 front-end (pinned runtime) has no Vue node rendering (Nodes 2.0)"
 
 
 @pytest.fixture(scope="session")
@@ -48,13 +49,34 @@ def chromium():
         pytest.fail(str(error), pytrace=False)
 
 
+@pytest.fixture(scope="session")
+def frontend_seen():
+    """What the pages opened so far found: {"new": bool} once one has opened."""
+    return {}
+
+
+@pytest.fixture(params=[False, True], ids=["canvas-nodes", "vue-nodes"])
+def vue_nodes(request, frontend_seen):
+    """Node rendering for `comfy_page`: on the canvas, or as Vue components ("Nodes 2.0"), which only
+    the new front-end has; a test that takes this fixture runs once on the March-2024 one."""
+    if request.param and frontend_seen.get("new") is False:
+        pytest.skip(NO_VUE_NODES)
+    return request.param
+
+
 @pytest.fixture
-def comfy_page(chromium, web_server):
-    """A fresh ComfyUI page on the test server; fails the test if the pack's scripts raised."""
+def comfy_page(request, chromium, web_server, frontend_seen):
+    """A fresh ComfyUI page on the test server, with Vue node rendering if the test asks for it
+    (the `vue_nodes` fixture; off otherwise); fails the test if the pack's scripts raised."""
     from comfy_browser import ComfyPage
 
-    page = ComfyPage(chromium.new_page(), web_server.url)
+    vue = request.getfixturevalue("vue_nodes") if "vue_nodes" in request.fixturenames else False
+    page = ComfyPage(chromium.new_page(), web_server.url, vue_nodes=vue)
     page.open()
+    frontend_seen["new"] = page.is_new_frontend
+    if vue and not page.is_new_frontend:
+        page.page.close()
+        pytest.skip(NO_VUE_NODES)
     yield page
     errors = page.pack_errors()
     page.page.close()
