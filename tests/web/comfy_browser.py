@@ -1,14 +1,16 @@
 """Headless Chromium on ComfyUI's real page, for the browser tests and the UI-workflow generator.
 
-    with launch_chromium() as context:
-        page = ComfyPage(context.new_page(), server.url)
+    with launch_chromium() as browser:
+        page = ComfyPage(fresh_page(browser), server.url)
         page.open()
         page.load_workflow(json.loads(path.read_text()))
 
 The browser is Debian's `chromium` (`CHROMIUM`, default /usr/bin/chromium), driven by Playwright
 (PyPI `playwright`, pinned in tests/requirements-web.txt) through `executable_path`: Playwright's
 own browser download is never used. Flags keep a headless run off the network (no sync, no
-component updates, no QUIC) in a fresh profile. A missing browser or Playwright raises
+component updates, no QUIC). Every page gets a browser context of its own (`fresh_page`): the new
+front-end keeps its open workflow tabs in the browser's storage and would bring one page's edited
+workflow back in the next. A missing browser or Playwright raises
 `BrowserUnavailable` with the install command, so the tests fail instead of skipping.
 
 `ComfyPage` knows both ComfyUI front-ends this pack supports: the March-2024 one (pinned runtime,
@@ -24,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -45,22 +46,25 @@ class BrowserUnavailable(RuntimeError):
 
 
 @contextlib.contextmanager
-def launch_chromium(viewport: dict | None = None):
-    """A Playwright browser context on the system Chromium with a fresh profile; closed on exit."""
+def launch_chromium():
+    """A Playwright browser on the system Chromium, closed on exit."""
     if not os.access(CHROMIUM, os.X_OK):
         raise BrowserUnavailable(f"Chromium not found at {CHROMIUM}: {INSTALL_HINT}")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as error:
         raise BrowserUnavailable(f"Playwright is not installed ({error}): {INSTALL_HINT}") from None
-    with tempfile.TemporaryDirectory(prefix="lycoris-chromium-") as profile, sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            viewport=viewport or VIEWPORT, device_scale_factor=1)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
-            yield context
+            yield browser
         finally:
-            context.close()
+            browser.close()
+
+
+def fresh_page(browser, viewport: dict | None = None):
+    """A page in a new browser context (empty storage); closing the page closes its context."""
+    return browser.new_page(viewport=viewport or VIEWPORT, device_scale_factor=1)
 
 
 class ComfyPage:

@@ -39,12 +39,12 @@ def web_server(tmp_path_factory, e2e_models):  # noqa: F811
 
 @pytest.fixture(scope="session")
 def chromium():
-    """A headless Chromium browser context (fresh profile) for the session."""
+    """A headless Chromium browser for the session (each page gets a context of its own)."""
     from comfy_browser import BrowserUnavailable, launch_chromium
 
     try:
-        with launch_chromium() as context:
-            yield context
+        with launch_chromium() as browser:
+            yield browser
     except BrowserUnavailable as error:
         pytest.fail(str(error), pytrace=False)
 
@@ -68,10 +68,10 @@ def vue_nodes(request, frontend_seen):
 def comfy_page(request, chromium, web_server, frontend_seen):
     """A fresh ComfyUI page on the test server, with Vue node rendering if the test asks for it
     (the `vue_nodes` fixture; off otherwise); fails the test if the pack's scripts raised."""
-    from comfy_browser import ComfyPage
+    from comfy_browser import ComfyPage, fresh_page
 
     vue = request.getfixturevalue("vue_nodes") if "vue_nodes" in request.fixturenames else False
-    page = ComfyPage(chromium.new_page(), web_server.url, vue_nodes=vue)
+    page = ComfyPage(fresh_page(chromium), web_server.url, vue_nodes=vue)
     page.open()
     frontend_seen["new"] = page.is_new_frontend
     if vue and not page.is_new_frontend:
