@@ -110,6 +110,13 @@ class ComfyPage:
             shown = self.page.evaluate("(key) => window.app.extensionManager.setting.get(key)", VUE_NODES_SETTING)
             assert shown == self.vue_nodes, f"{VUE_NODES_SETTING} is {shown} in the page, asked for {self.vue_nodes}"
 
+    def switch_vue_nodes(self, on: bool) -> None:
+        """Switch Vue node rendering in the open page, as a person does in the settings dialog."""
+        self.page.evaluate("([key, on]) => app.extensionManager.setting.set(key, on)", [VUE_NODES_SETTING, on])
+        self.vue_nodes = on
+        self.page.wait_for_selector(".lg-node[data-node-id]", state="attached" if on else "detached")
+        self.settle()
+
     @property
     def rendering(self) -> str:
         """Which front-end and node rendering the page runs: for test ids and screenshot names."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import NO_VUE_NODES
 from make_ui_workflows import same_prompt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,6 +121,31 @@ def test_block_weights_typed_in_the_editor_are_what_the_server_runs(comfy_page, 
     page.view_from_left()
     shot = page.screenshot(artifacts / f"browser_block_weights_{page.rendering}.png")
     assert shot.read_bytes()[:8] == PNG
+
+
+def test_editor_and_panel_follow_a_switch_of_node_rendering_in_the_open_page(comfy_page):
+    """Nodes 2.0 switched on and off again in the settings while a workflow is open: the same editor
+    and panel move between the canvas and the Vue nodes and keep writing the weights."""
+    page = comfy_page
+    if not page.is_new_frontend:
+        pytest.skip(NO_VUE_NODES)
+    page.load_workflow(workflow("lycoris_block_weight.json"))
+    node = page.node_id("LycorisBlockWeight")
+    loader = page.node_id("LycorisLoader")
+    wait_text(editor(page, node).locator(".lycoris-status"), r"^sd1 · 27 blocks")
+    expected = vector("SD-INALL")
+    for on, block, value in ((True, "OUT03", 0.3), (False, "IN05", 0.6)):
+        page.switch_vue_nodes(on)
+        shown_in_node(page, loader, "lycoris-info")
+        shown_in_node(page, node, "lycoris-blocks")
+        page.scroll_to(node)
+        page.type_into(page.block_cell(node, block), str(value))
+        expected[block] = value
+        assert vector(page.widget_value(node, "weights")) == expected
+        assert cell_values(page, node) == expected
+        assert page.page.locator(".lycoris-blocks").count() == 1  # moved, not built a second time
+    text = wait_text(page.page.locator(f'.lycoris-info[data-lycoris-node="{loader}"]'), "algorithms:")
+    assert "lora ×120" in text, text
 
 
 def test_info_panel_shows_what_the_selected_file_holds(comfy_page, vue_nodes, e2e_models, artifacts):
