@@ -119,7 +119,7 @@ class ComfyPage:
 
     @property
     def rendering(self) -> str:
-        """Which front-end and node rendering the page runs: for test ids and screenshot names."""
+        """Which front-end and node rendering the page runs (screenshot names)."""
         if not self.is_new_frontend:
             return "frontend2024"
         return "vue-nodes" if self.vue_nodes else "canvas-nodes"
