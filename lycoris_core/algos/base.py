@@ -249,62 +249,200 @@ class Adapter:
         return False
 
     # -- bypass -----------------------------------------------------------------------------
+    # A layer runs its adapters as y' = g(f(T(x)) + h(x)): T an input-side transform the caller
+    # applies before the base forward f (rotations, scales, GLoRA's x + a(x)), h an additive
+    # factored term, g an output-side map (rotations, DoRA's per-channel scale). Whatever depends
+    # only on W (DoRA's norms) or only on the factors (rotations, dense fallbacks) is computed once
+    # per adapter copy (bypass keeps one copy per device) and reused while the weight's token holds.
+
     def moved(self, device) -> "Adapter":
         """A copy whose tensors live on `device` in fp32 (bypass moves them once per device)."""
         clone = copy.copy(self)
         clone.tensors = {k: v.to(device=device, dtype=COMPUTE_DTYPE) if v.is_floating_point() else v.to(device)
                          for k, v in self.tensors.items()}
+        clone._bypass_cache = {}
         return clone
 
-    def bypass_needs_weight(self) -> bool:
-        """Whether `bypass` reads the layer's weight (DoRA norms, deltas built from W,
-        multiplicative families without their own output-side form)."""
-        return self.delta_uses_weight or not self.additive or self.has_dora
+    def cached(self, slot: str, key, build):
+        """`build()` computed once per `key` and kept in one `slot` of this copy (a new key replaces it)."""
+        store = self.__dict__.setdefault("_bypass_cache", {})
+        hit = store.get(slot)
+        if hit is None or hit[0] != key:
+            hit = store[slot] = (key, build())
+        return hit[1]
+
+    def is_cached(self, slot: str, key) -> bool:
+        hit = self.__dict__.get("_bypass_cache", {}).get(slot)
+        return hit is not None and hit[0] == key
+
+    def bypass_input_side(self, geometry: LayerGeometry, strength: float = 1.0) -> bool:
+        """Whether the factored bypass transforms the layer's input (`bypass_input`) before the base
+        forward. Callers that cannot re-run the base forward on it call `bypass` alone."""
+        return self.dora_on_input and not self.delta_uses_weight
+
+    def bypass_input(self, x, weight, geometry: LayerGeometry, strength: float = 1.0, *, token=None):
+        """T(x) for the base forward (identity unless `bypass_input_side`)."""
+        if self.bypass_input_side(geometry, strength):
+            scale = self.dora_scale(weight, geometry, strength, token)
+            return x * channel_view(scale.to(x.dtype), x, geometry.linear)
+        return x
+
+    def bypass_needs_weight(self, geometry: LayerGeometry | None = None, *, token=None,
+                            input_applied: bool = False) -> bool:
+        """Whether this call must be given the layer's (dequantised) weight: deltas built from W,
+        DoRA norms not yet cached for `token`, families that re-run the layer without
+        `input_applied`, multiplicative families without their own output-side form."""
+        if self.delta_uses_weight or not self.additive:
+            return True
+        if self.has_dora:
+            # the key `dora_scale` caches under includes the strength: any cached entry for this
+            # token will do, as one bypass entry always runs at one strength
+            cached = self.__dict__.get("_bypass_cache", {}).get("dora")
+            return (token is None or cached is None or cached[0][0] != token
+                    or (self.dora_on_input and not input_applied))
+        return False
 
     def bypass_is_dense(self, geometry: LayerGeometry | None = None) -> bool:
-        """Whether bypass builds a full-size weight or delta every step (no factored form)."""
-        own = type(self).bypass is not Adapter.bypass
-        return not own or self.has_dora or (geometry is not None and not geometry.linear and self.algo == "lokr")
+        """Whether bypass builds a full-size weight or delta (no factored form)."""
+        return type(self).bypass is Adapter.bypass and not self.additive
 
     @property
     def has_dora(self) -> bool:
         return "dora_scale" in self.tensors or "lora_magnitude_vector" in self.tensors
 
-    def bypass(self, x, y, weight, bias, geometry: LayerGeometry, strength: float = 1.0):
+    @property
+    def has_peft_dora(self) -> bool:
+        return "lora_magnitude_vector" in self.tensors
+
+    @property
+    def dora_on_input(self) -> bool:
+        """LyCORIS `dora_scale` of shape (1, I, ...): the norm and scale run over input columns."""
+        magnitude = self.tensors.get("dora_scale")
+        return magnitude is not None and magnitude.dim() >= 2 and magnitude.shape[0] == 1 and magnitude.numel() > 1
+
+    def layer_shape(self, weight, geometry: LayerGeometry) -> tuple:
+        """The layer's weight shape, from `weight` or else from the factors and the layer's kernel."""
+        shape = tuple(weight.shape) if weight is not None else self.expected_shape()
+        if shape is None:
+            raise self.error(f"{self.algo} in bypass mode needs the layer's weight shape")
+        if len(shape) == 2 and not geometry.linear:  # factors stored flat: the layer knows its kernel
+            shape = (shape[0], shape[1] // math.prod(geometry.kernel_size)) + tuple(geometry.kernel_size)
+        return shape
+
+    def delta_forward(self, x, geometry: LayerGeometry, shape: tuple) -> torch.Tensor:
+        """op(x, gamma*dW) without bias or strength. Default: the dense delta, built once per
+        copy and kept (memory: one weight-sized tensor in x's dtype); families with a factored
+        form override this."""
+        key = (shape, x.dtype, x.device)
+        d = self.cached("delta", key, lambda: self.delta(torch.empty(shape, device=x.device)).to(x.dtype))
+        return geometry.apply(x, d)
+
+    def dora_scale(self, weight, geometry: LayerGeometry, strength: float, token=None) -> torch.Tensor:
+        """DoRA's per-channel scale (output rows, or input columns for `dora_on_input`) with the
+        strength rule applied; a function of W and the adapter only, so computed once per `token`
+        (default: the weight tensor's own identity and version) and strength."""
+        if token is None and weight is None:
+            raise self.error(f"{self.algo} with DoRA in bypass mode needs the layer's weight once")
+        key = (token if token is not None else weight_token(weight), strength)
+        if weight is None and not self.is_cached("dora", key):
+            raise self.error(f"{self.algo} with DoRA in bypass mode needs the layer's weight once")
+
+        def build():
+            w = weight.to(device=self.device_of(weight), dtype=COMPUTE_DTYPE)
+            d = self.delta(w)
+            magnitude = self.tensors.get("dora_scale")
+            if magnitude is not None:
+                return dora_channel_scale(w, d, magnitude.to(COMPUTE_DTYPE), strength, self).reshape(-1)
+            return peft_dora_scale(w, d, self.t("lora_magnitude_vector"), strength).reshape(-1)
+
+        return self.cached("dora", key, build)
+
+    def device_of(self, weight):
+        first = next(iter(self.tensors.values()), None)
+        return weight.device if first is None else first.device
+
+    def bypass(self, x, y, weight, bias, geometry, strength: float = 1.0, *, token=None,
+               input_applied: bool = False):
         """Adapted layer output from input `x` and base output `y` (bias included).
 
         `y` is consumed: families may write the result into its storage (callers pass the base
-        output they just computed).
+        output they just computed). With `input_applied`, `x` is already `bypass_input(x)` and `y`
+        the base forward of it; otherwise families with an input side re-run the layer on it
+        (needing `weight`).
 
-        Default: additive families run their dense delta through the layer op,
-        y' = y + m * op(x, gamma*dW) (LoHa has no factored identity); the rest compute the
-        patched weight once per call from the layer's (dequantised) `weight`. Families with a
-        cheaper exact form override this.
+        Additive families: y' = y + m*h(x) (+ bias delta), h the factored or cached-dense
+        `delta_forward`. DoRA: y' = s * (y - b + h'(x)) + b' with s cached per weight (output
+        rows), or the same with x scaled per input column (input columns). Multiplicative
+        families without their own form: the patched weight rebuilt from `weight` (dense).
         """
-        if self.additive and not self.has_dora and not self.delta_uses_weight:
-            shape = weight.shape if weight is not None else self.expected_shape()
-            if shape is None:
-                raise self.error(f"{self.algo} in bypass mode needs the layer's weight shape")
-            if len(shape) == 2 and not geometry.linear:  # factors stored flat: the layer knows its kernel
-                shape = (shape[0], shape[1] // math.prod(geometry.kernel_size)) + tuple(geometry.kernel_size)
-            d = self.delta(torch.empty(shape, device=x.device))
-            out = y + strength * geometry.apply(x, d.to(x.dtype))
-            db = self.bias_delta(bias)
-            return out if db is None else out + strength * channel_view(db.to(x.dtype), out, geometry.linear)
+        if self.has_dora and not self.delta_uses_weight:
+            return self.dora_bypass(x, y, weight, bias, geometry, strength, token, input_applied)
+        if self.additive and not self.delta_uses_weight:
+            out = y.add_(self.delta_forward(x, geometry, self.layer_shape(weight, geometry)), alpha=strength)
+            return self.add_bias_delta(out, bias, strength, geometry)
         if weight is None:
             raise self.error(f"{self.algo} in bypass mode needs the layer's weight")
         w_new, b_new = self.patch(weight, strength, bias)
         return geometry.apply(x, w_new.to(x.dtype), None if b_new is None else b_new.to(x.dtype))
 
+    def add_bias_delta(self, out, bias, strength, geometry):
+        db = self.bias_delta(bias)
+        return out if db is None else out + strength * channel_view(db.to(out.dtype), out, geometry.linear)
+
+    def dora_bypass(self, x, y, weight, bias, geometry, strength, token, input_applied):
+        shape = self.layer_shape(weight, geometry)
+        if self.dora_on_input:
+            # W' = (W + gamma*dW) diag(s_m): both terms see the column-scaled input
+            if not input_applied:
+                if weight is None:
+                    raise self.error(f"{self.algo} with input-side DoRA needs the layer's weight to re-run it")
+                x = self.bypass_input(x, weight, geometry, strength, token=token)
+                y = geometry.apply(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+            out = y.add_(self.delta_forward(x, geometry, shape))
+            return self.add_bias_delta(out, bias, strength, geometry)
+        scale = channel_view(self.dora_scale(weight, geometry, strength, token).to(y.dtype), y, geometry.linear)
+        h = self.delta_forward(x, geometry, shape)
+        # LyCORIS normalises W + gamma*dW whatever m; PEFT scales its delta by m
+        out = y if bias is None else y.sub_(channel_view(bias.to(y.dtype), y, geometry.linear))
+        out = out.add_(h, alpha=strength if self.has_peft_dora else 1.0).mul_(scale)
+        b_new = self.patch_bias(bias, strength)
+        return out if b_new is None else out.add_(channel_view(b_new.to(y.dtype), y, geometry.linear))
+
+
+def weight_token(weight: torch.Tensor):
+    """Identity and version of a weight tensor: equal tokens mean unchanged values."""
+    return (str(weight.device), weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
+
+
+def chain_inputs(x, steps, weight, geometry: LayerGeometry, token=None) -> list:
+    """Inputs for a stack of bypassed adapters on one layer, as the sequentially merged weight
+    W_n = T_n(...T_1(W)) sees them: adapter k gets its own input-side transform of what adapter
+    k+1 gets (the last one transforms x itself).
+
+    `steps` is ((adapter, strength, input_side), ...); returns n+1 inputs: entry i is adapter i's
+    input, entry 0 is also the base forward's.
+    """
+    inputs = [x] * (len(steps) + 1)
+    for i in range(len(steps) - 1, -1, -1):
+        adapter, strength, input_side = steps[i]
+        inputs[i] = adapter.bypass_input(inputs[i + 1], weight, geometry, strength, token=token) if input_side \
+            else inputs[i + 1]
+    return inputs
+
 
 def weight_decompose(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, strength: float, adapter=None):
-    """LyCORIS DoRA (`dora_scale`), as its trainer computes it.
+    """LyCORIS DoRA (`dora_scale`), as its trainer computes it: (W + gamma*dW) * s_m, see
+    `dora_channel_scale`. At m = 0 the result is W + gamma*dW, not W (LyCORIS
+    `apply_weight_decompose`)."""
+    return (w + delta) * dora_channel_scale(w, delta, magnitude, strength, adapter)
 
-    W1 = W + gamma*dW (strength not applied), n = ||W1|| along the axis the `dora_scale` shape
-    names (output rows for (O,1,...), input columns for (1,I,...)) plus fp32 eps,
-    s = dora_scale / n, and the strength interpolates the correction: s <- m*(s-1)+1.
-    At m = 0 the result is W + gamma*dW, not W (LyCORIS `apply_weight_decompose`).
-    """
+
+def dora_channel_scale(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, strength: float,
+                       adapter=None) -> torch.Tensor:
+    """LyCORIS DoRA's scale, shaped to broadcast over W: W1 = W + gamma*dW (strength not applied),
+    n = ||W1|| along the axis the `dora_scale` shape names (output rows for (O,1,...), input
+    columns for (1,I,...)) plus fp32 eps, s = dora_scale / n, and the strength interpolates it:
+    s_m = m*(s-1)+1."""
     w1 = w + delta
     out_channels, in_channels = w.shape[0], w.shape[1]
     if magnitude.dim() >= 2 and magnitude.shape[0] == 1 and magnitude.numel() == in_channels:
@@ -323,7 +461,7 @@ def weight_decompose(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tens
     scale = magnitude.reshape(norm.shape) / norm
     if strength != 1:
         scale = strength * (scale - 1) + 1
-    return w1 * scale
+    return scale
 
 
 def peft_dora(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, strength: float):
@@ -331,6 +469,10 @@ def peft_dora(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, str
 
     PEFT scales a layer by scaling `scaling`, which enters both the delta and the norm.
     """
-    w1 = w + strength * delta
-    norm = flat(w1).norm(dim=1).reshape([w.shape[0]] + [1] * (w.dim() - 1))
-    return w1 * (magnitude.reshape(norm.shape) / norm)
+    return (w + strength * delta) * peft_dora_scale(w, delta, magnitude, strength)
+
+
+def peft_dora_scale(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, strength: float):
+    """PEFT DoRA's per-row scale mag / ||W + m*s*BA||, shaped to broadcast over W."""
+    norm = flat(w + strength * delta).norm(dim=1).reshape([w.shape[0]] + [1] * (w.dim() - 1))
+    return magnitude.reshape(norm.shape) / norm

@@ -112,13 +112,22 @@ class LoKr(Adapter):
         d = torch.kron((w1 * self.scale).contiguous(), w2.contiguous())  # gamma on the small factor
         return d.reshape(weight.shape)
 
-    def bypass(self, x, y, weight, bias, geometry, strength=1.0):
-        if "dora_scale" in self.tensors or not geometry.linear:
-            return super().bypass(x, y, weight, bias, geometry, strength)
-        # Kronecker identity: (w1 (x) W2) x  ==  vec(w1 . X . W2^T) with x viewed as (c, d).
-        w1 = (self.w1() * (strength * self.scale)).to(x.dtype)  # the factor on the small matrix
+    def bypass(self, x, y, weight, bias, geometry, strength=1.0, *, token=None, input_applied=False):
+        if self.has_dora or not geometry.linear:
+            return super().bypass(x, y, weight, bias, geometry, strength, token=token, input_applied=input_applied)
+        out = self.kron_forward(x, strength * self.scale)
+        return y.add_(out) if y.is_contiguous() else y + out
+
+    def delta_forward(self, x, geometry, shape):
+        """Linear: the Kronecker identity; convs: the dense delta, built once (see Adapter)."""
+        if not geometry.linear:
+            return super().delta_forward(x, geometry, shape)
+        return self.kron_forward(x, self.scale)
+
+    def kron_forward(self, x, factor):
+        """factor * (w1 (x) W2) x  ==  vec(w1 . X . W2^T) with x viewed as (c, d)."""
+        w1 = (self.w1() * factor).to(x.dtype)  # the factor on the small matrix
         w2 = self.w2().to(x.dtype)
         c, d = w1.shape[1], w2.shape[1]
         z = F.linear(x.reshape(*x.shape[:-1], c, d), flat(w2))  # (..., c, b)
-        out = torch.matmul(w1, z).reshape(y.shape)  # (..., a, b)
-        return y.add_(out) if y.is_contiguous() else y + out
+        return torch.matmul(w1, z).reshape(*x.shape[:-1], -1)  # (..., a, b) -> (..., a*b)
