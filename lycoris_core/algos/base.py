@@ -393,10 +393,10 @@ class Adapter:
         shape = self.layer_shape(weight, geometry)
         if self.dora_on_input:
             # W' = (W + gamma*dW) diag(s_m): both terms see the column-scaled input
+            if not input_applied and weight is None:
+                raise self.error(f"{self.algo} with input-side DoRA needs the layer's weight to re-run it")
+            x = self.bypass_input(x, weight, geometry, strength, token=token)
             if not input_applied:
-                if weight is None:
-                    raise self.error(f"{self.algo} with input-side DoRA needs the layer's weight to re-run it")
-                x = self.bypass_input(x, weight, geometry, strength, token=token)
                 y = geometry.apply(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
             out = y.add_(self.delta_forward(x, geometry, shape))
             return self.add_bias_delta(out, bias, strength, geometry)
@@ -416,17 +416,18 @@ def weight_token(weight: torch.Tensor):
 
 def chain_inputs(x, steps, weight, geometry: LayerGeometry, token=None) -> list:
     """Inputs for a stack of bypassed adapters on one layer, as the sequentially merged weight
-    W_n = T_n(...T_1(W)) sees them: adapter k gets its own input-side transform of what adapter
-    k+1 gets (the last one transforms x itself).
+    W_n = T_n(...T_1(W)) sees them: y(W_k, x) = y(W_{k-1}, T_k(x)) + (adapter k's own terms of x)
+    for an input-side adapter, so adapter k sees x_k = T_{k+1}(x_{k+1}) (x_n = x) and the base
+    forward sees T_1(x_1).
 
-    `steps` is ((adapter, strength, input_side), ...); returns n+1 inputs: entry i is adapter i's
-    input, entry 0 is also the base forward's.
+    `steps` is ((adapter, strength, input_side), ...); returns [base input, x_1, ..., x_n].
     """
-    inputs = [x] * (len(steps) + 1)
-    for i in range(len(steps) - 1, -1, -1):
-        adapter, strength, input_side = steps[i]
-        inputs[i] = adapter.bypass_input(inputs[i + 1], weight, geometry, strength, token=token) if input_side \
-            else inputs[i + 1]
+    inputs = [x]
+    for adapter, strength, input_side in reversed(steps):
+        if input_side:
+            x = adapter.bypass_input(x, weight, geometry, strength, token=token)
+        inputs.append(x)
+    inputs.reverse()  # [T_1(x_1), x_1, ..., x_n]
     return inputs
 
 
