@@ -54,8 +54,8 @@ class BypassForward:
         return moved
 
     def needs_weight(self, steps, token) -> bool:
-        return any(adapter.bypass_needs_weight(self.geometry, token=token, input_applied=side)
-                   for adapter, _, side in steps)
+        return any(adapter.bypass_needs_weight(self.geometry, token=token, input_applied=side, strength=strength)
+                   for adapter, strength, side in steps)
 
     def __call__(self, x, *args, **kwargs):
         entries = self._adapters_on(x.device)

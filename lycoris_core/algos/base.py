@@ -288,18 +288,16 @@ class Adapter:
         return x
 
     def bypass_needs_weight(self, geometry: LayerGeometry | None = None, *, token=None,
-                            input_applied: bool = False) -> bool:
+                            input_applied: bool = False, strength: float = 1.0) -> bool:
         """Whether this call must be given the layer's (dequantised) weight: deltas built from W,
-        DoRA norms not yet cached for `token`, families that re-run the layer without
-        `input_applied`, multiplicative families without their own output-side form."""
+        DoRA norms not yet cached for `token` and `strength`, families that re-run the layer
+        without `input_applied`, multiplicative families without their own output-side form."""
         if self.delta_uses_weight or not self.additive:
             return True
         if self.has_dora:
-            # the key `dora_scale` caches under includes the strength: any cached entry for this
-            # token will do, as one bypass entry always runs at one strength
-            cached = self.__dict__.get("_bypass_cache", {}).get("dora")
-            return (token is None or cached is None or cached[0][0] != token
-                    or (self.dora_on_input and not input_applied))
+            if self.dora_on_input and not input_applied:
+                return True
+            return token is None or not self.is_cached("dora", token) or strength not in self.cached("dora", token, dict)
         return False
 
     def bypass_is_dense(self, geometry: LayerGeometry | None = None) -> bool:
@@ -343,19 +341,20 @@ class Adapter:
         (default: the weight tensor's own identity and version) and strength."""
         if token is None and weight is None:
             raise self.error(f"{self.algo} with DoRA in bypass mode needs the layer's weight once")
-        key = (token if token is not None else weight_token(weight), strength)
-        if weight is None and not self.is_cached("dora", key):
+        scales = self.cached("dora", token if token is not None else weight_token(weight), dict)  # per strength
+        if strength in scales:
+            return scales[strength]
+        if weight is None:
             raise self.error(f"{self.algo} with DoRA in bypass mode needs the layer's weight once")
-
-        def build():
-            w = weight.to(device=self.device_of(weight), dtype=COMPUTE_DTYPE)
-            d = self.delta(w)
-            magnitude = self.tensors.get("dora_scale")
-            if magnitude is not None:
-                return dora_channel_scale(w, d, magnitude.to(COMPUTE_DTYPE), strength, self).reshape(-1)
-            return peft_dora_scale(w, d, self.t("lora_magnitude_vector"), strength).reshape(-1)
-
-        return self.cached("dora", key, build)
+        w = weight.to(device=self.device_of(weight), dtype=COMPUTE_DTYPE)
+        d = self.delta(w)
+        magnitude = self.tensors.get("dora_scale")
+        if magnitude is not None:
+            scale = dora_channel_scale(w, d, magnitude.to(COMPUTE_DTYPE), strength, self)
+        else:
+            scale = peft_dora_scale(w, d, self.t("lora_magnitude_vector"), strength)
+        scales[strength] = scale.reshape(-1)
+        return scales[strength]
 
     def device_of(self, weight):
         first = next(iter(self.tensors.values()), None)

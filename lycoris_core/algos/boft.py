@@ -165,7 +165,7 @@ class PeftBOFT(Adapter):
     def bypass_input_side(self, geometry, strength=1.0):
         return geometry.linear and strength == 1
 
-    def bypass_needs_weight(self, geometry=None, *, token=None, input_applied=False):
+    def bypass_needs_weight(self, geometry=None, *, token=None, input_applied=False, strength=1.0):
         return not (input_applied and geometry is not None and geometry.linear)
 
     def bypass_input(self, x, weight, geometry, strength=1.0, *, token=None):

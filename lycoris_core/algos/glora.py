@@ -84,7 +84,7 @@ class GLoRA(Adapter):
     def bypass_input_side(self, geometry, strength=1.0):
         return not self.has_dora
 
-    def bypass_needs_weight(self, geometry=None, *, token=None, input_applied=False):
+    def bypass_needs_weight(self, geometry=None, *, token=None, input_applied=False, strength=1.0):
         return self.has_dora or not input_applied
 
     def bypass_is_dense(self, geometry=None):

@@ -57,7 +57,7 @@ class IA3(Adapter):
     def bypass_input_side(self, geometry, strength=1.0):
         return self.on_input
 
-    def bypass_needs_weight(self, geometry=None, *, token=None, input_applied=False):
+    def bypass_needs_weight(self, geometry=None, *, token=None, input_applied=False, strength=1.0):
         return self.on_input and not input_applied
 
     def bypass_input(self, x, weight, geometry, strength=1.0, *, token=None):

@@ -104,7 +104,7 @@ class DiagOFT(Adapter):
         out = self._rescaled(self.rotate_rows(w, self.rotation(strength)))
         return out, None if bias is None else bias.to(COMPUTE_DTYPE)
 
-    def bypass_needs_weight(self, geometry=None, *, token=None, input_applied=False):
+    def bypass_needs_weight(self, geometry=None, *, token=None, input_applied=False, strength=1.0):
         return False
 
     def bypass_is_dense(self, geometry=None):
@@ -237,7 +237,7 @@ class PeftOFT(Adapter):
     def bypass_input_side(self, geometry, strength=1.0):
         return geometry.linear
 
-    def bypass_needs_weight(self, geometry=None, *, token=None, input_applied=False):
+    def bypass_needs_weight(self, geometry=None, *, token=None, input_applied=False, strength=1.0):
         return not (input_applied and geometry is not None and geometry.linear)
 
     def bypass_input(self, x, weight, geometry, strength=1.0, *, token=None):
