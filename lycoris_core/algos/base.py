@@ -399,13 +399,17 @@ class Adapter:
                 y = geometry.apply(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
             out = y.add_(self.delta_forward(x, geometry, shape))
             return self.add_bias_delta(out, bias, strength, geometry)
-        scale = channel_view(self.dora_scale(weight, geometry, strength, token).to(y.dtype), y, geometry.linear)
+        scale = self.dora_scale(weight, geometry, strength, token).to(y.dtype)
         h = self.delta_forward(x, geometry, shape)
         # LyCORIS normalises W + gamma*dW whatever m; PEFT scales its delta by m
-        out = y if bias is None else y.sub_(channel_view(bias.to(y.dtype), y, geometry.linear))
-        out = out.add_(h, alpha=strength if self.has_peft_dora else 1.0).mul_(scale)
+        out = y.add_(h, alpha=strength if self.has_peft_dora else 1.0)
+        # (y + h - b) * s + b' in one pass: (y + h) * s + (b' - b * s)
         b_new = self.patch_bias(bias, strength)
-        return out if b_new is None else out.add_(channel_view(b_new.to(y.dtype), y, geometry.linear))
+        if b_new is None:
+            return out.mul_(channel_view(scale, out, geometry.linear))
+        shift = b_new.to(y.dtype) - bias.to(y.dtype) * scale
+        view = (lambda v: channel_view(v, out, geometry.linear))
+        return torch.addcmul(view(shift), out, view(scale), out=out)
 
 
 def weight_token(weight: torch.Tensor):

@@ -94,7 +94,8 @@ class GLoRA(Adapter):
         """x + m*gamma*A x, A = a_up @ a_down mixing input channels (1x1 for convs)."""
         a_down, a_up, _, _ = (t.to(x.dtype) for t in self.factors())
         if geometry.linear:
-            ax = F.linear(F.linear(x, flat(a_down)), flat(a_up))
+            h = F.linear(x, flat(a_down)).reshape(-1, a_down.shape[0])
+            return torch.addmm(x.reshape(-1, x.shape[-1]), h, flat(a_up).T, alpha=strength * self.scale).reshape(x.shape)
         else:
             ones = (1,) * geometry.conv_dims
             ax = geometry.apply(geometry.apply(x, flat(a_down).reshape(-1, x.shape[1], *ones), plain=True),
@@ -112,6 +113,10 @@ class GLoRA(Adapter):
         _, _, b_down, b_up = (t.to(x.dtype) for t in self.factors())
         b_up = flat(b_up) * (strength * self.scale)
         if geometry.linear:
+            h = F.linear(x, flat(b_down)).reshape(-1, b_down.shape[0])
+            if y.is_contiguous():
+                y.view(-1, y.shape[-1]).addmm_(h, b_up.T)
+                return y
             return y.add_(F.linear(F.linear(x, flat(b_down)), b_up))
         shape = self.layer_shape(weight, geometry)
         h = geometry.apply(x, b_down.reshape(b_down.shape[:1] + tuple(shape[1:])))

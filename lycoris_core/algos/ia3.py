@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from .base import Adapter, COMPUTE_DTYPE, channel_view
 
 
@@ -74,11 +76,12 @@ class IA3(Adapter):
                 raise self.error("ia3 on_input in bypass mode needs the layer's weight")
             return geometry.apply(self.bypass_input(x, weight, geometry, strength), weight.to(x.dtype),
                                   None if bias is None else bias.to(x.dtype))
-        view = channel_view(self.factor(strength).to(x.dtype), y, geometry.linear)
+        factor = self.factor(strength).to(y.dtype)
+        view = channel_view(factor, y, geometry.linear)
         if bias is None:
-            return y * view
-        b = channel_view(bias.to(y.dtype), y, geometry.linear)
-        return (y - b) * view + b
+            return y.mul_(view)
+        # (y - b) * g + b in one pass: y * g + b * (1 - g)
+        return torch.addcmul(channel_view(bias.to(y.dtype) * (1 - factor), y, geometry.linear), y, view, out=y)
 
 
 class PeftIA3(Adapter):

@@ -126,8 +126,8 @@ class LoKr(Adapter):
 
     def kron_forward(self, x, factor):
         """factor * (w1 (x) W2) x  ==  vec(w1 . X . W2^T) with x viewed as (c, d)."""
-        w1 = (self.w1() * factor).to(x.dtype)  # the factor on the small matrix
-        w2 = self.w2().to(x.dtype)
+        w1, w2 = self.cached("factors", (x.dtype, x.device), lambda: (self.w1().to(x.dtype), self.w2().to(x.dtype)))
+        w1 = w1 * factor  # the factor on the small matrix
         c, d = w1.shape[1], w2.shape[1]
         z = F.linear(x.reshape(*x.shape[:-1], c, d), flat(w2))  # (..., c, b)
         return torch.matmul(w1, z).reshape(*x.shape[:-1], -1)  # (..., a, b) -> (..., a*b)

@@ -111,16 +111,32 @@ class DiagOFT(Adapter):
         return False
 
     def bypass(self, x, y, weight, bias, geometry, strength=1.0, *, token=None, input_applied=False):
-        """The same rotation on the channels of (y - b), then rescale, then b back (output side:
-        never the rotated weight). The rotation depends on the blocks only: built once per copy."""
-        b = None if bias is None else channel_view(bias.to(y.dtype), y, geometry.linear)
-        out = y if b is None else y - b
-        channels = out.movedim(-1 if geometry.linear else 1, 0)
+        """The same rotation on the channels of y - b, then rescale, then b back (output side:
+        never the rotated weight), as rotate(y) + (b - rotate(b)). The rotation depends on the
+        blocks only: built once per copy (Diag-OFT on a Linear with the rescale folded in)."""
         rotation = self.cached("rotation", (strength, y.dtype, y.device),
                                lambda: self.rotation(strength).to(y.dtype))
-        mixed = self._rescaled(self.rotate_rows(channels, rotation))
-        out = mixed.movedim(0, -1 if geometry.linear else 1)
-        return out if b is None else out + b
+        shift = None
+        if bias is not None:
+            b = bias.to(y.dtype)
+            shift = b - self._rescaled(self.rotate_rows(b.reshape(-1, 1), rotation)).reshape(-1)
+        if geometry.linear and type(self).rotate_rows is DiagOFT.rotate_rows:
+            folded = self.cached("rotation_rescaled", (strength, y.dtype, y.device),
+                                 lambda: self._folded_rescale(rotation))
+            n, bs, _ = folded.shape
+            out = torch.einsum("...ni,nij->...nj", y.reshape(*y.shape[:-1], n, bs), folded).reshape(y.shape)
+        else:
+            channel = -1 if geometry.linear else 1
+            out = self._rescaled(self.rotate_rows(y.movedim(channel, 0), rotation)).movedim(0, channel)
+        return out if shift is None else out.add_(channel_view(shift, out, geometry.linear))
+
+    def _folded_rescale(self, rotation):
+        """R_k with column j scaled by rescale[k*bs + j]: rescale after R^T in one matrix."""
+        rescale = self.t("rescale")
+        if rescale is None:
+            return rotation
+        n, bs, _ = rotation.shape
+        return rotation * rescale.to(rotation.dtype).reshape(n, 1, bs)
 
 
 class LegacyOFT(DiagOFT):
