@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from lycoris_core import LayerGeometry  # noqa: E402
 from lycoris_core.algos import BOFT, IA3, DecodeContext, DiagOFT, GLoRA, LoHa, LoKr, LoRA, PeftBOFT, PeftOFT  # noqa: E402
-from lycoris_core.algos.base import chain_inputs, weight_token  # noqa: E402
+from lycoris_core.algos.base import chain_inputs, plan_bypass, weight_token  # noqa: E402
 
 RANK = 16
 LAYERS = {  # name: (out, in, tokens)
@@ -113,11 +113,11 @@ class Layer:
     def bypassed(self, x, adapter, strength, geometry):
         """nodes/bypass.py's BypassForward.__call__ for one adapter."""
         token = weight_token(self.stored)
-        side = adapter.bypass_input_side(geometry, strength)
-        needs = adapter.bypass_needs_weight(geometry, token=token, input_applied=side, strength=strength)
+        steps, needs = plan_bypass([(adapter, strength, True)], geometry, token)
         weight = self.dequantised(x) if needs else None
-        inputs = chain_inputs(x, [(adapter, strength, side)], weight, geometry, token)
+        inputs = chain_inputs(x, steps, weight, geometry, token)
         y = self.forward(inputs[0])
+        side = steps[0][2]
         return adapter.bypass(inputs[1], y, weight, self.bias, geometry, strength, token=token, input_applied=side)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..lycoris_core import LayerGeometry
-from ..lycoris_core.algos.base import chain_inputs, weight_token
+from ..lycoris_core.algos.base import chain_inputs, plan_bypass, weight_token
 
 try:
     from comfy.ops import cast_bias_weight
@@ -53,19 +53,13 @@ class BypassForward:
             self._moved[device] = moved
         return moved
 
-    def needs_weight(self, steps, token) -> bool:
-        return any(adapter.bypass_needs_weight(self.geometry, token=token, input_applied=side, strength=strength)
-                   for adapter, strength, side in steps)
-
     def __call__(self, x, *args, **kwargs):
         entries = self._adapters_on(x.device)
         token = _stored_weight_token(self.module)
-        # input-side transforms (rotations, scales, GLoRA's x + a(x)) run before the base forward;
-        # a slice of a fused layer cannot transform the shared input and re-runs its rows instead
-        steps = [(adapter, strength, offset is None and adapter.bypass_input_side(self.geometry, strength))
-                 for adapter, strength, offset in entries]
+        # input-side transforms (rotations, scales, GLoRA's x + a(x)) run before the base forward
+        steps, needs_weight = plan_bypass([(a, m, offset is None) for a, m, offset in entries], self.geometry, token)
         weight = None
-        if self.needs_weight(steps, token):
+        if needs_weight:
             weight, bias = _layer_weights(self.module, x)
         else:  # output-side families still need the bias: it is not rotated or scaled
             bias = getattr(self.module, "bias", None)

@@ -417,6 +417,18 @@ def weight_token(weight: torch.Tensor):
     return (str(weight.device), weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
 
 
+def plan_bypass(entries, geometry: LayerGeometry, token=None):
+    """(steps, needs_weight) for one call of a bypassed layer. `entries` is ((adapter, strength,
+    whole_layer), ...); an adapter on a slice of a fused layer cannot transform the shared input
+    and re-runs its rows instead. steps = ((adapter, strength, input_side), ...) for
+    `chain_inputs`; needs_weight: whether any adapter must read the layer's weight this call."""
+    steps = [(adapter, strength, whole and adapter.bypass_input_side(geometry, strength))
+             for adapter, strength, whole in entries]
+    needs = any(adapter.bypass_needs_weight(geometry, token=token, input_applied=side, strength=strength)
+                for adapter, strength, side in steps)
+    return steps, needs
+
+
 def chain_inputs(x, steps, weight, geometry: LayerGeometry, token=None) -> list:
     """Inputs for a stack of bypassed adapters on one layer, as the sequentially merged weight
     W_n = T_n(...T_1(W)) sees them: y(W_k, x) = y(W_{k-1}, T_k(x)) + (adapter k's own terms of x)

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lycoris_oracle as lo  # noqa: E402
 
 from lycoris_core import LayerGeometry, load_adapter_file  # noqa: E402
-from lycoris_core.algos.base import DecodeContext, chain_inputs, weight_token  # noqa: E402
+from lycoris_core.algos.base import DecodeContext, chain_inputs, plan_bypass, weight_token  # noqa: E402
 from lycoris_core.algos.boft import PeftBOFT  # noqa: E402
 from lycoris_core.algos.oft import PeftOFT  # noqa: E402
 
@@ -47,8 +47,7 @@ def oracle(tmp_path_factory):
 def run_layer(layer, x, entries, token):
     """What nodes/bypass.py does: the weight only when some adapter asks for it on this call."""
     geometry = LayerGeometry.of(layer)
-    steps = [(a, m, a.bypass_input_side(geometry, m)) for a, m in entries]
-    needs = any(a.bypass_needs_weight(geometry, token=token, input_applied=side, strength=m) for a, m, side in steps)
+    steps, needs = plan_bypass([(a, m, True) for a, m in entries], geometry, token)
     weight = layer.weight.detach() if needs else None
     inputs = chain_inputs(x, steps, weight, geometry, token)
     with torch.no_grad():
