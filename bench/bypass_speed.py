@@ -89,7 +89,8 @@ def make_adapter(algo: str, out: int, inp: int, g: torch.Generator):
                        DecodeContext(convention="peft", peft_config={"use_cayley_neumann": True}))
     if algo == "peft-boft":
         size = _butterfly_block(inp)
-        return PeftBOFT("m", {"boft_R": r(2, inp // size, size, size), "boft_s": 1 + r(out, 1)},
+        # one butterfly factor: what PEFT trains without its CUDA extension (and its default)
+        return PeftBOFT("m", {"boft_R": r(1, inp // size, size, size), "boft_s": 1 + r(out, 1)},
                         DecodeContext(convention="peft"))
     raise ValueError(algo)
 
@@ -180,8 +181,16 @@ def main():
     for dtype_name in args.dtypes.split(","):
         cells = [f"{math.exp(statistics.mean(map(math.log, ratios[(a, dtype_name)]))):8.3f}x" for a in algos]
         print(f"{'all':18s} {'':6s} {dtype_name:6s} {'':9s} " + " ".join(cells))
-    print("\nLoHa at rank 16 runs as a rank-256 product (r1*r2*(O+I) multiply-adds per token) or the cached "
-          "dense delta, whichever is fewer; its floor is 1 + min(256*(O+I), O*I)/(O*I).")
+    print(f"\nLoHa at rank {RANK} (r1 = r2): the rank-{RANK * RANK} product form or the dense delta built once, "
+          "whichever has fewer multiply-adds per token; extra memory kept per layer (fp32):")
+    for name, out, inp, _ in layers:
+        loha = make_adapter("loha", out, inp, g)
+        if loha.product_factors_cheaper(geometry, (out, inp)):
+            form, values = "product", RANK * RANK * (out + inp)
+        else:
+            form, values = "dense delta", out * inp
+        floor = 1 + min(RANK * RANK * (out + inp), out * inp) / (out * inp)
+        print(f"  {name:18s} {form:12s} {values * 4 / 2**20:7.2f} MiB  FLOP floor {floor:.3f}x")
 
 
 if __name__ == "__main__":
