@@ -347,12 +347,11 @@ class Adapter:
         if weight is None:
             raise self.error(f"{self.algo} with DoRA in bypass mode needs the layer's weight once")
         w = weight.to(device=self.device_of(weight), dtype=COMPUTE_DTYPE)
-        d = self.delta(w)
         magnitude = self.tensors.get("dora_scale")
         if magnitude is not None:
-            scale = dora_channel_scale(w, d, magnitude.to(COMPUTE_DTYPE), strength, self)
+            scale = dora_channel_scale(self.add_delta(w, 1.0), magnitude.to(COMPUTE_DTYPE), strength, self)
         else:
-            scale = peft_dora_scale(w, d, self.t("lora_magnitude_vector"), strength)
+            scale = peft_dora_scale(self.add_delta(w, strength), self.t("lora_magnitude_vector"))
         scales[strength] = scale.reshape(-1)
         return scales[strength]
 
@@ -450,16 +449,16 @@ def weight_decompose(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tens
     """LyCORIS DoRA (`dora_scale`), as its trainer computes it: (W + gamma*dW) * s_m, see
     `dora_channel_scale`. At m = 0 the result is W + gamma*dW, not W (LyCORIS
     `apply_weight_decompose`)."""
-    return (w + delta) * dora_channel_scale(w, delta, magnitude, strength, adapter)
-
-
-def dora_channel_scale(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, strength: float,
-                       adapter=None) -> torch.Tensor:
-    """LyCORIS DoRA's scale, shaped to broadcast over W: W1 = W + gamma*dW (strength not applied),
-    n = ||W1|| along the axis the `dora_scale` shape names (output rows for (O,1,...), input
-    columns for (1,I,...)) plus fp32 eps, s = dora_scale / n, and the strength interpolates it:
-    s_m = m*(s-1)+1."""
     w1 = w + delta
+    return w1.mul_(dora_channel_scale(w1, magnitude, strength, adapter))
+
+
+def dora_channel_scale(w1: torch.Tensor, magnitude: torch.Tensor, strength: float, adapter=None) -> torch.Tensor:
+    """LyCORIS DoRA's scale for W1 = W + gamma*dW (strength not applied), shaped to broadcast
+    over it: n = ||W1|| along the axis the `dora_scale` shape names (output rows for (O,1,...),
+    input columns for (1,I,...)) plus fp32 eps, s = dora_scale / n, and the strength
+    interpolates it: s_m = m*(s-1)+1."""
+    w = w1
     out_channels, in_channels = w.shape[0], w.shape[1]
     if magnitude.dim() >= 2 and magnitude.shape[0] == 1 and magnitude.numel() == in_channels:
         # (1, I, 1, ...): norm of each input column over outputs and kernel
@@ -485,10 +484,11 @@ def peft_dora(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, str
 
     PEFT scales a layer by scaling `scaling`, which enters both the delta and the norm.
     """
-    return (w + strength * delta) * peft_dora_scale(w, delta, magnitude, strength)
+    w1 = torch.add(w, delta, alpha=strength)
+    return w1.mul_(peft_dora_scale(w1, magnitude))
 
 
-def peft_dora_scale(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, strength: float):
-    """PEFT DoRA's per-row scale mag / ||W + m*s*BA||, shaped to broadcast over W."""
-    norm = flat(w + strength * delta).norm(dim=1).reshape([w.shape[0]] + [1] * (w.dim() - 1))
+def peft_dora_scale(w1: torch.Tensor, magnitude: torch.Tensor):
+    """PEFT DoRA's per-row scale mag / ||W1|| for W1 = W + m*s*BA, shaped to broadcast over it."""
+    norm = flat(w1).norm(dim=1).reshape([w1.shape[0]] + [1] * (w1.dim() - 1))
     return magnitude.reshape(norm.shape) / norm
