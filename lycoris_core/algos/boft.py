@@ -20,6 +20,21 @@ from .base import COMPUTE_DTYPE, Adapter, flat
 from .oft import DiagOFT
 
 
+COMPOSED_BLOCK = 128  # leading stages are multiplied out into dense blocks up to this size
+
+
+def _butterfly_last(y: torch.Tensor, rotations: torch.Tensor, first_stage: int) -> torch.Tensor:
+    """`_butterfly`'s stages `first_stage`, ... on the last dim of `y` (channels last)."""
+    stages, groups, size, _ = rotations.shape
+    half, lead, channels = size // 2, y.shape[:-1], y.shape[-1]
+    for i in range(stages):
+        k = 2 ** (first_stage + i) * half
+        y = y.reshape(*lead, channels // (2 * k), 2, k).transpose(-1, -2).reshape(*lead, groups, size)
+        y = torch.einsum("gij,...gj->...gi", rotations[i], y)
+        y = y.reshape(*lead, channels // (2 * k), k, 2).transpose(-1, -2).reshape(*lead, channels)
+    return y
+
+
 def _butterfly(rows: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """LyCORIS's stage sequence on dim 0 of `rows` (O, ...)."""
     stages, groups, size, _ = rotations.shape
@@ -54,6 +69,28 @@ class BOFT(DiagOFT):
 
     def rotate_rows(self, rows, rotation):
         return _butterfly(rows, rotation)
+
+    def rotate_channels_last(self, y, rotation, strength):
+        """Stages 0..s-1 act within contiguous chunks of C = 2^(s-1) * bs channels, so they are
+        multiplied out once into (O/C, C, C) blocks (C <= COMPOSED_BLOCK) and applied in one
+        pass; the later stages run one by one. Then the rescale."""
+        def build():
+            stages, groups, size, _ = rotation.shape
+            lead = 1
+            while lead < stages and 2 ** lead * size <= COMPOSED_BLOCK:
+                lead += 1
+            chunk = 2 ** (lead - 1) * size
+            channels = groups * size
+            eye = torch.eye(chunk, dtype=rotation.dtype, device=rotation.device).repeat(channels // chunk, 1)
+            blocks = _butterfly(eye, rotation[:lead]).reshape(channels // chunk, chunk, chunk)
+            return blocks.transpose(1, 2).contiguous(), lead
+
+        blocks, lead = self.cached("composed", (strength, y.dtype, y.device), build)
+        n, chunk, _ = blocks.shape
+        out = torch.einsum("...ni,nij->...nj", y.reshape(*y.shape[:-1], n, chunk), blocks).reshape(y.shape)
+        out = _butterfly_last(out, rotation[lead:], lead)
+        rescale = self.t("rescale")
+        return out if rescale is None else out.mul_(rescale.to(out.dtype).reshape(-1))
 
 
 def _butterfly_permutation(n: int, blocks: int, half: int) -> torch.Tensor:

@@ -120,15 +120,20 @@ class DiagOFT(Adapter):
         if bias is not None:
             b = bias.to(y.dtype)
             shift = b - self._rescaled(self.rotate_rows(b.reshape(-1, 1), rotation)).reshape(-1)
-        if geometry.linear and type(self).rotate_rows is DiagOFT.rotate_rows:
-            folded = self.cached("rotation_rescaled", (strength, y.dtype, y.device),
-                                 lambda: self._folded_rescale(rotation))
-            n, bs, _ = folded.shape
-            out = torch.einsum("...ni,nij->...nj", y.reshape(*y.shape[:-1], n, bs), folded).reshape(y.shape)
+        if geometry.linear:
+            out = self.rotate_channels_last(y, rotation, strength)
         else:
             channel = -1 if geometry.linear else 1
             out = self._rescaled(self.rotate_rows(y.movedim(channel, 0), rotation)).movedim(0, channel)
         return out if shift is None else out.add_(channel_view(shift, out, geometry.linear))
+
+    def rotate_channels_last(self, y, rotation, strength):
+        """`rotate_rows` then rescale on the last dim of a Linear's output, the rescale folded
+        into the blocks (kept per copy)."""
+        folded = self.cached("rotation_rescaled", (strength, y.dtype, y.device),
+                             lambda: self._folded_rescale(rotation))
+        n, bs, _ = folded.shape
+        return torch.einsum("...ni,nij->...nj", y.reshape(*y.shape[:-1], n, bs), folded).reshape(y.shape)
 
     def _folded_rescale(self, rotation):
         """R_k with column j scaled by rescale[k*bs + j]: rescale after R^T in one matrix."""
