@@ -16,7 +16,7 @@ import types
 
 import pytest
 
-from diffusers_truth import SIGNATURES, comfy_model, diffusers_truth
+from diffusers_truth import SIGNATURES, comfy_model, diffusers_truth, original_names
 
 DIFFUSERS_DIALECTS = {
     "simpletuner lycoris": lambda name: "lycoris_" + name.replace(".", "_"),
@@ -25,9 +25,12 @@ DIFFUSERS_DIALECTS = {
     "peft raw": lambda name: "base_model.model." + name,
     "onetrainer legacy": lambda name: "lora_transformer_" + name.replace(".", "_"),
 }
+# (ComfyUI key, released checkpoint key) -> module name
 CHECKPOINT_DIALECTS = {
-    "kohya/musubi": lambda key: "lora_unet_" + key.replace(".", "_"),
-    "comfyui trainer": lambda key: "diffusion_model." + key,
+    "kohya/musubi (checkpoint names)": lambda key, original: "lora_unet_" + original.replace(".", "_"),
+    "diffusion-pipe (checkpoint names)": lambda key, original: "transformer." + original,
+    "kohya (ComfyUI names)": lambda key, original: "lora_unet_" + key.replace(".", "_"),
+    "comfyui trainer": lambda key, original: "diffusion_model." + key,
 }
 
 
@@ -82,11 +85,13 @@ def test_every_checkpoint_layer_lands_on_itself(pack, built, arch):
     from lycoris_pack.nodes.key_map import resolve
 
     model, _, key_map = built(arch)
-    layers = [k[: -len(".weight")] for k, v in model.diffusion_model.state_dict().items()
-              if k.endswith(".weight") and v.dim() >= 2]
+    originals = original_names(arch, model)
+    layers = {k[: -len(".weight")]: originals[k][: -len(".weight")]
+              for k, v in model.diffusion_model.state_dict().items() if k.endswith(".weight") and v.dim() >= 2}
     wrong = {}
     for dialect, write in CHECKPOINT_DIALECTS.items():
-        misses = [key for key in layers if resolve(write(key), key_map) not in (f"diffusion_model.{key}.weight",)]
+        misses = [write(key, original) for key, original in layers.items()
+                  if resolve(write(key, original), key_map) != f"diffusion_model.{key}.weight"]
         if misses:
             wrong[dialect] = _first(misses)
     assert not wrong, wrong
