@@ -126,6 +126,27 @@ HUNYUAN_VIDEO = {
         ("proj_out", "final_layer.linear"),
         # norm_out.linear is final_layer.adaLN_modulation.1 with its halves swapped: no row slice says that.
     ),
+    # The released checkpoint's own names, which ComfyUI renames at load (musubi-tuner and
+    # diffusion-pipe write these); where only the dots differ, ComfyUI's map already has them.
+    "checkpoint_rules": (
+        ("double_blocks.{}.img_mod.linear", "double_blocks.{}.img_mod.lin"),
+        ("double_blocks.{}.txt_mod.linear", "double_blocks.{}.txt_mod.lin"),
+        ("double_blocks.{}.img_mlp.fc1", "double_blocks.{}.img_mlp.0"),
+        ("double_blocks.{}.img_mlp.fc2", "double_blocks.{}.img_mlp.2"),
+        ("double_blocks.{}.txt_mlp.fc1", "double_blocks.{}.txt_mlp.0"),
+        ("double_blocks.{}.txt_mlp.fc2", "double_blocks.{}.txt_mlp.2"),
+        ("single_blocks.{}.modulation.linear", "single_blocks.{}.modulation.lin"),
+        (_REFINER + ".mlp.fc1", _REFINER + ".mlp.0"),
+        (_REFINER + ".mlp.fc2", _REFINER + ".mlp.2"),
+        ("time_in.mlp.0", "time_in.in_layer"),
+        ("time_in.mlp.2", "time_in.out_layer"),
+        ("guidance_in.mlp.0", "guidance_in.in_layer"),
+        ("guidance_in.mlp.2", "guidance_in.out_layer"),
+        ("txt_in.t_embedder.mlp.0", "txt_in.t_embedder.in_layer"),
+        ("txt_in.t_embedder.mlp.2", "txt_in.t_embedder.out_layer"),
+        ("txt_in.c_embedder.linear_1", "txt_in.c_embedder.in_layer"),
+        ("txt_in.c_embedder.linear_2", "txt_in.c_embedder.out_layer"),
+    ),
 }
 
 _LUMINA_BLOCK = (
@@ -224,13 +245,14 @@ def _part_rows(layout, part: int, rows: int, width: int) -> tuple[int, int]:
 
 
 def diffusers_targets(shapes: dict, prefix: str = "diffusion_model.") -> dict:
-    """diffusers module name -> weight key, or `(key, (0, start, rows))` for part of a fused
-    weight, for every table whose `detect` key `shapes` (weight key -> shape) holds."""
+    """Module name (diffusers, or the released checkpoint's where ComfyUI renames it) -> weight
+    key, or `(key, (0, start, rows))` for part of a fused weight, for every table whose `detect`
+    key `shapes` (weight key -> shape) holds."""
     found: dict = {}
     for table in TABLES.values():
         if prefix + table["detect"] not in shapes:
             continue
-        for diffusers_name, checkpoint_name, *rows in table["rules"]:
+        for diffusers_name, checkpoint_name, *rows in table["rules"] + table.get("checkpoint_rules", ()):
             pattern = re.compile(re.escape(prefix + checkpoint_name + ".weight").replace(r"\{\}", r"(\d+)"))
             for key, shape in shapes.items():
                 match = pattern.fullmatch(key)
