@@ -125,6 +125,15 @@ HUNYUAN_VIDEO = {
         ("single_transformer_blocks.{}.norm.linear", "single_blocks.{}.modulation.lin"),
         ("proj_out", "final_layer.linear"),
         # norm_out.linear is final_layer.adaLN_modulation.1 with its halves swapped: no row slice says that.
+        # HunyuanVideo 1.5 (diffusers' convert_hunyuan_video1_5_to_diffusers.py)
+        ("time_embed.timestep_embedder.linear_1", "time_in.in_layer"),
+        ("time_embed.timestep_embedder.linear_2", "time_in.out_layer"),
+        ("context_embedder_2.linear_1", "byt5_in.fc1"),
+        ("context_embedder_2.linear_2", "byt5_in.fc2"),
+        ("context_embedder_2.linear_3", "byt5_in.fc3"),
+        ("image_embedder.linear_1", "vision_in.proj.1"),
+        ("image_embedder.linear_2", "vision_in.proj.3"),
+        ("cond_type_embed", "cond_type_embedding"),
     ),
     # The released checkpoint's own names, which ComfyUI renames at load (musubi-tuner and
     # diffusion-pipe write these); where only the dots differ, ComfyUI's map already has them.
@@ -146,6 +155,13 @@ HUNYUAN_VIDEO = {
         ("txt_in.t_embedder.mlp.2", "txt_in.t_embedder.out_layer"),
         ("txt_in.c_embedder.linear_1", "txt_in.c_embedder.in_layer"),
         ("txt_in.c_embedder.linear_2", "txt_in.c_embedder.out_layer"),
+        # HunyuanVideo 1.5's release keeps q, k and v apart; ComfyUI's model fuses them.
+        ("double_blocks.{}.img_attn_q", "double_blocks.{}.img_attn.qkv", Q),
+        ("double_blocks.{}.img_attn_k", "double_blocks.{}.img_attn.qkv", K),
+        ("double_blocks.{}.img_attn_v", "double_blocks.{}.img_attn.qkv", V),
+        ("double_blocks.{}.txt_attn_q", "double_blocks.{}.txt_attn.qkv", Q),
+        ("double_blocks.{}.txt_attn_k", "double_blocks.{}.txt_attn.qkv", K),
+        ("double_blocks.{}.txt_attn_v", "double_blocks.{}.txt_attn.qkv", V),
     ),
 }
 
