@@ -138,3 +138,98 @@ def test_hunyuan_video_15_names(pack, built):
     for stream in ("img", "txt"):
         starts = [resolve(f"lora_unet_double_blocks_3_{stream}_attn_{p}", key_map) for p in "qkv"]
         assert starts == [(qkv.format(stream), (0, i * 2048, 2048)) for i in range(3)], starts
+
+
+# -- whole files, through the loader node -------------------------------------------------------
+def _divisor_near_sqrt(n: int) -> int:
+    return max(d for d in range(1, int(n ** 0.5) + 1) if n % d == 0)
+
+
+def _factors(algo: str, rows: int, shape: tuple, generator, half=None):
+    """Tiny tensors of `algo` for a layer of `rows` output rows and weight shape `shape`."""
+    import torch
+
+    r = lambda *s: torch.randn(*s, generator=generator) * 0.01  # noqa: E731
+    inputs, kernel = shape[1], tuple(shape[2:])
+    if algo == "lora" or kernel:  # LoHa/LoKr only on Linear layers here
+        return {"lora_up.weight": r(rows, 1, *([1] * len(kernel))), "lora_down.weight": r(1, inputs, *kernel),
+                "alpha": torch.tensor(1.0, dtype=half or torch.float32)}
+    if algo == "loha":
+        return {"hada_w1_a": r(rows, 1), "hada_w1_b": r(1, inputs), "hada_w2_a": r(rows, 1), "hada_w2_b": r(1, inputs),
+                "alpha": torch.tensor(1.0)}
+    a, b = _divisor_near_sqrt(rows), _divisor_near_sqrt(inputs)  # whole w1 and w2 (SimpleTuner's full_matrix)
+    return {"lokr_w1": r(a, b), "lokr_w2": r(rows // a, inputs // b), "alpha": torch.tensor(1.0)}
+
+
+def _peft(rows: int, shape: tuple, generator):
+    import torch
+
+    return {"lora_A.weight": torch.randn(1, *shape[1:], generator=generator) * 0.01,
+            "lora_B.weight": torch.randn(rows, 1, *([1] * (len(shape) - 2)), generator=generator) * 0.01}
+
+
+# name of the file's module, from (diffusers name, ComfyUI key, checkpoint key) -> its tensors
+TRAINER_FILES = {
+    "simpletuner lokr (full w2)": ("diffusers", lambda d, c, o: "lycoris_" + d.replace(".", "_"), "lokr",
+                                   {"lycoris_config": '{"algo": "lokr", "factor": 16, "full_matrix": true}',
+                                    "trained_words": "ohwx person, studio photo"}),
+    "simpletuner loha": ("diffusers", lambda d, c, o: "lycoris_" + d.replace(".", "_"), "loha", {}),
+    "diffusers/peft, alpha in lora_adapter_metadata": (
+        "diffusers", lambda d, c, o: "transformer." + d, "peft",
+        {"lora_adapter_metadata": '{"transformer.r": 1, "transformer.lora_alpha": 2}'}),
+    "ai-toolkit lokr": ("diffusers", lambda d, c, o: "diffusion_model." + d, "lokr", {}),
+    "musubi loha (checkpoint names)": ("checkpoint", lambda d, c, o: "lora_unet_" + o.replace(".", "_"), "loha", {}),
+    "comfyui trainer (bf16 alpha, no metadata)": ("checkpoint", lambda d, c, o: "diffusion_model." + c, "lora_bf16", {}),
+}
+FILE_ARCHS = ("wan21_i2v_14b", "wan21_vace_14b", "hunyuan_video", "lumina2", "cosmos1_7b", "cosmos_predict2_2b",
+              "chroma")
+
+
+@pytest.mark.parametrize("arch", FILE_ARCHS)
+def test_trainer_files_patch_every_layer_on_its_rows(pack, built, arch, tmp_path):
+    import comfy.model_patcher
+    import torch
+    from safetensors.torch import save_file
+
+    from comfyui_runtime import use_loras_folder
+
+    model, truth, _ = built(arch)
+    weights = model.diffusion_model.state_dict()
+    originals = original_names(arch, model)
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
+    use_loras_folder(tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    by_diffusers = {d: t for d, t in truth.items() if t[1:] != ("rows reordered",)}
+    by_checkpoint = {k[: -len(".weight")]: "diffusion_model." + k for k, v in weights.items()
+                     if k.endswith(".weight") and v.dim() >= 2}
+    for label, (names, write, algo, metadata) in TRAINER_FILES.items():
+        tensors, expected = {}, []
+        layers = by_diffusers if names == "diffusers" else by_checkpoint
+        for name, target in layers.items():
+            key, offset = (target, None) if isinstance(target, str) else target
+            shape = tuple(weights[key[len("diffusion_model."):]].shape)
+            rows = shape[0] if offset is None else offset[2]
+            comfy_key = key[len("diffusion_model."):-len(".weight")]
+            module = write(name, comfy_key, originals[comfy_key + ".weight"][: -len(".weight")])
+            parts = (_peft(rows, shape, generator) if algo == "peft" else
+                     _factors("lora" if algo == "lora_bf16" else algo, rows, shape, generator,
+                              half=torch.bfloat16 if algo == "lora_bf16" else None))
+            tensors.update({f"{module}.{suffix}": t for suffix, t in parts.items()})
+            expected.append((key, offset))
+        file_name = f"{arch}-{algo}-{names}.safetensors"
+        save_file(tensors, str(tmp_path / file_name), metadata=metadata)
+        out = node.load(patcher, file_name, 1.0, "merge")
+        new_model, report = out["result"]
+        assert out["ui"]["text"] == [report]
+        assert f"{len(expected)}/{len(expected)} modules matched, 0 unmatched, 0 keys not understood, " \
+               "0 modules with errors, 0 duplicates" in report, (label, report)
+        landed = sorted((key, None if p[3] is None else tuple(p[3])) for key, ps in new_model.patches.items()
+                        for p in ps)
+        assert landed == sorted((k, o) for k, o in expected), label
+        if "lycoris_config" in metadata:
+            assert 'LyCORIS config: algo="lokr", factor=16, full_matrix=true' in report, report
+            assert "trained words: ohwx person, studio photo" in report, report
+        if "lora_adapter_metadata" in metadata:
+            assert "r=1, lora_alpha=2" in report, report
