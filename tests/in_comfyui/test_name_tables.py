@@ -233,3 +233,45 @@ def test_trainer_files_patch_every_layer_on_its_rows(pack, built, arch, tmp_path
             assert "trained words: ohwx person, studio photo" in report, report
         if "lora_adapter_metadata" in metadata:
             assert "r=1, lora_alpha=2" in report, report
+
+
+def test_duplicates_are_reported_with_the_module_applied(pack, built, tmp_path):
+    """Two dialects of one layer, and a fused weight with one of its slices: the first module in
+    the file (safetensors keeps keys sorted) is applied, the other reported as a duplicate naming it
+    (node text and /history ui)."""
+    import comfy.model_patcher
+    import torch
+    from safetensors.torch import save_file
+
+    from comfyui_runtime import use_loras_folder
+
+    model, _, _ = built("hunyuan_video")
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    generator = torch.Generator().manual_seed(1)
+    tensors = {}
+    for module, rows, inputs in (("lora_unet_double_blocks_0_img_attn_qkv", 9216, 3072),
+                                 ("transformer.transformer_blocks.0.attn.to_q", 3072, 3072),
+                                 ("transformer.transformer_blocks.1.attn.to_out.0", 3072, 3072),
+                                 ("lycoris_transformer_blocks_1_attn_to_out_0", 3072, 3072),
+                                 ("lycoris_no_such_layer", 8, 8)):
+        tensors[f"{module}.lora_up.weight"] = torch.randn(rows, 1, generator=generator)
+        tensors[f"{module}.lora_down.weight"] = torch.randn(1, inputs, generator=generator)
+    tensors["transformer.transformer_blocks.1.attn.to_out.0.mystery"] = torch.zeros(1)
+    use_loras_folder(tmp_path)
+    save_file(tensors, str(tmp_path / "dup.safetensors"))
+    out = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]().load(patcher, "dup.safetensors", 1.0, "merge")
+    new_model, report = out["result"]
+    assert out["ui"]["text"] == [report]
+    assert "2/5 modules matched, 1 unmatched, 1 keys not understood, 0 modules with errors, 2 duplicates" in report
+    lines = report.splitlines()
+    groups = [line.strip() for line in lines if line.startswith("  ") and line.endswith(":")]
+    assert groups == ["no such layer in the model (1):", "duplicate: a layer or rows another module already patches (2):",
+                      "keys not understood (1):"], report
+    assert ("    transformer.transformer_blocks.0.attn.to_q: diffusion_model.double_blocks.0.img_attn.qkv.weight rows "
+            "0:3072 is already patched by lora_unet_double_blocks_0_img_attn_qkv (applied); this one left out") in lines
+    assert ("    transformer.transformer_blocks.1.attn.to_out.0: diffusion_model.double_blocks.1.img_attn.proj.weight is "
+            "already patched by lycoris_transformer_blocks_1_attn_to_out_0 (applied); this one left out") in lines
+    assert sorted(new_model.patches) == ["diffusion_model.double_blocks.0.img_attn.qkv.weight",
+                                         "diffusion_model.double_blocks.1.img_attn.proj.weight"]
+    assert all(len(p) == 1 for p in new_model.patches.values())
