@@ -70,21 +70,60 @@ SIGNATURES = {
 }
 
 
+# the ComfyUI model class (comfy.model_base) each release must be detected as
+MODEL_CLASSES = {"wan21_t2v_14b": "WAN21", "wan21_i2v_14b": "WAN21", "wan21_vace_14b": "WAN21_Vace",
+                 "wan22_ti2v_5b": "WAN22", "hunyuan_video": "HunyuanVideo", "hunyuan_video15": "HunyuanVideo15",
+                 "lumina2": "Lumina2", "z_image": "Lumina2", "cosmos1_7b": "CosmosVideo",
+                 "cosmos_predict2_2b": "CosmosPredict2", "chroma": "Chroma", "flux1_dev": "Flux",
+                 "sd15": "BaseModel", "sdxl": "SDXL"}
+# UNets: ComfyUI's config (as its detection gives it, tests/in_comfyui/test_architectures.py) and
+# diffusers' UNet2DConditionModel arguments of the same release, whose config the converter reads.
+UNETS = {
+    "sd15": ("SD15", dict(cross_attention_dim=768, attention_head_dim=8)),
+    "sdxl": ("SDXL", dict(block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                          up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                          attention_head_dim=(5, 10, 20), cross_attention_dim=2048, addition_embed_type="text_time",
+                          addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+                          use_linear_projection=True)),
+}
+
+
 def comfy_model(arch: str):
-    """ComfyUI's own model for the released checkpoint `arch`, detected and built on meta."""
+    """ComfyUI's own model for the released checkpoint `arch`, detected and built on meta.
+    LookupError when this ComfyUI has no such model class (the pinned 2024 runtime)."""
+    import comfy.model_base
     import comfy.model_detection
 
+    if not hasattr(comfy.model_base, MODEL_CLASSES[arch]):
+        raise LookupError(f"this ComfyUI has no {MODEL_CLASSES[arch]} model class ({arch})")
+    if arch in UNETS:
+        import comfy.supported_models
+
+        from test_architectures import SD15, SDXL
+
+        config_class = getattr(comfy.supported_models, UNETS[arch][0])
+        with torch.device("meta"):
+            return config_class(dict(SD15 if arch == "sd15" else SDXL)).get_model({}, device=torch.device("meta"))
     with torch.device("meta"):
         signature = {k: torch.empty(shape) for k, shape in SIGNATURES[arch].items()}
     config = comfy.model_detection.model_config_from_unet(signature, "")
-    if config is None:
-        raise LookupError(f"this ComfyUI does not detect {arch}")
+    assert config is not None, f"ComfyUI does not detect the {arch} signature"
     with torch.device("meta"):
-        return config.get_model({}, device=torch.device("meta"))
+        model = config.get_model({}, device=torch.device("meta"))
+    assert type(model).__name__ == MODEL_CLASSES[arch], (arch, type(model).__name__)
+    return model
 
 
 def _converter(arch: str):
     from diffusers.loaders import single_file_utils as s
+
+    if arch in UNETS:
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            config = dict(UNet2DConditionModel(**UNETS[arch][1]).config)
+        return (lambda checkpoint: s.convert_ldm_unet_checkpoint(checkpoint, config)), "model.diffusion_model."
 
     if arch.startswith("wan"):
         return s.convert_wan_transformer_to_diffusers, ""

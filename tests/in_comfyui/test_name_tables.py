@@ -16,7 +16,7 @@ import types
 
 import pytest
 
-from diffusers_truth import NO_CONVERTER, SIGNATURES, comfy_model, diffusers_truth, original_names
+from diffusers_truth import NO_CONVERTER, SIGNATURES, UNETS, comfy_model, diffusers_truth, original_names
 
 DIFFUSERS_DIALECTS = {
     "simpletuner lycoris": lambda name: "lycoris_" + name.replace(".", "_"),
@@ -27,6 +27,13 @@ DIFFUSERS_DIALECTS = {
     "musubi (diffusers names: Z-Image, FramePack)": lambda name: "lora_unet_" + name.replace(".", "_"),
 }
 # (ComfyUI key, released checkpoint key) -> module name
+# SD1.x/SDXL files name the diffusers UNet (kohya writes diffusers names too)
+UNET_DIALECTS = {
+    "kohya": lambda name: "lora_unet_" + name.replace(".", "_"),
+    "lycoris standalone": lambda name: "lycoris_" + name.replace(".", "_"),
+    "diffusers": lambda name: "unet." + name,
+    "peft raw": lambda name: "base_model.model." + name,
+}
 CHECKPOINT_DIALECTS = {
     "kohya/musubi (checkpoint names)": lambda key, original: "lora_unet_" + original.replace(".", "_"),
     "diffusion-pipe (checkpoint names)": lambda key, original: "transformer." + original,
@@ -59,7 +66,7 @@ def _first(items, n=5):
     return items[:n] + ([f"... {len(items)} in all"] if len(items) > n else [])
 
 
-@pytest.mark.parametrize("arch", sorted(set(SIGNATURES) - NO_CONVERTER))
+@pytest.mark.parametrize("arch", sorted(set(SIGNATURES) - NO_CONVERTER) + sorted(UNETS))
 def test_every_diffusers_module_lands_on_its_weight_and_rows(pack, built, arch):
     from lycoris_pack.nodes.key_map import resolve
 
@@ -68,7 +75,7 @@ def test_every_diffusers_module_lands_on_its_weight_and_rows(pack, built, arch):
     mapped = {name: target for name, target in truth.items() if name not in reordered}
     assert len(mapped) >= 100
     wrong = {}
-    for dialect, write in DIFFUSERS_DIALECTS.items():
+    for dialect, write in (UNET_DIALECTS if arch in UNETS else DIFFUSERS_DIALECTS).items():
         misses = [f"{name} -> {resolve(write(name), key_map)}, want {target}" for name, target in mapped.items()
                   if resolve(write(name), key_map) != target]
         if misses:
@@ -81,7 +88,7 @@ def test_every_diffusers_module_lands_on_its_weight_and_rows(pack, built, arch):
         assert target is None or (isinstance(target, tuple) and len(target) == 3 and callable(target[2])), name
 
 
-@pytest.mark.parametrize("arch", sorted(SIGNATURES))
+@pytest.mark.parametrize("arch", sorted(SIGNATURES) + sorted(UNETS))
 def test_every_checkpoint_layer_lands_on_itself(pack, built, arch):
     from lycoris_pack.nodes.key_map import resolve
 
