@@ -115,6 +115,22 @@ def comfy_model(arch: str):
     return model
 
 
+# arch -> (diffusers.loaders.single_file_utils converter, prefix of the checkpoint keys it reads)
+CONVERTERS = {
+    **dict.fromkeys(("wan21_t2v_14b", "wan21_i2v_14b", "wan21_vace_14b", "wan22_ti2v_5b"),
+                    ("convert_wan_transformer_to_diffusers", "")),
+    "hunyuan_video": ("convert_hunyuan_video_transformer_to_diffusers", ""),
+    "lumina2": ("convert_lumina2_to_diffusers", ""),
+    "cosmos1_7b": ("convert_cosmos_transformer_checkpoint_to_diffusers", "net."),
+    "cosmos_predict2_2b": ("convert_cosmos_transformer_checkpoint_to_diffusers", "net."),
+    "chroma": ("convert_chroma_transformer_checkpoint_to_diffusers", ""),
+    "z_image": ("convert_z_image_transformer_checkpoint_to_diffusers", ""),
+    "flux1_dev": ("convert_flux_transformer_checkpoint_to_diffusers", ""),
+}
+# diffusers has no single-file converter for these (test_name_tables checks them on diffusers' class)
+NO_CONVERTER = set(SIGNATURES) - set(CONVERTERS)
+
+
 def _converter(arch: str):
     from diffusers.loaders import single_file_utils as s
 
@@ -125,21 +141,8 @@ def _converter(arch: str):
             config = dict(UNet2DConditionModel(**UNETS[arch][1]).config)
         return (lambda checkpoint: s.convert_ldm_unet_checkpoint(checkpoint, config)), "model.diffusion_model."
 
-    if arch.startswith("wan"):
-        return s.convert_wan_transformer_to_diffusers, ""
-    if arch == "hunyuan_video":
-        return s.convert_hunyuan_video_transformer_to_diffusers, ""
-    if arch == "lumina2":
-        return s.convert_lumina2_to_diffusers, ""
-    if arch.startswith("cosmos"):
-        return s.convert_cosmos_transformer_checkpoint_to_diffusers, "net."
-    if arch == "chroma":
-        return s.convert_chroma_transformer_checkpoint_to_diffusers, ""
-    if arch == "z_image":
-        return s.convert_z_image_transformer_checkpoint_to_diffusers, ""
-    if arch.startswith("flux1"):
-        return s.convert_flux_transformer_checkpoint_to_diffusers, ""
-    raise KeyError(arch)
+    name, prefix = CONVERTERS[arch]
+    return getattr(s, name), prefix
 
 
 # ComfyUI parameter name -> released checkpoint name, where ComfyUI renames at load time (BFL's
@@ -162,8 +165,7 @@ _ORIGINAL_NAMES = {
     "hunyuan_video": lambda key: _replace_all(key, _HUNYUAN_VIDEO),
     "hunyuan_video15": lambda key: _replace_all(key, _HUNYUAN_VIDEO),
 }
-# diffusers has no single-file converter for these (test_name_tables checks them on diffusers' class)
-NO_CONVERTER = {"hunyuan_video15"}
+
 
 
 def _replace_all(key: str, pairs) -> str:
