@@ -1,6 +1,6 @@
 """diffusers module names -> the model's own weight keys, for architectures whose diffusers names
-ComfyUI's LoRA key map does not know (0.28: Wan, HunyuanVideo, Lumina 2, Cosmos, Chroma's
-approximator).
+ComfyUI's LoRA key map does not know (0.28: Wan, HunyuanVideo 1.0/1.5, Lumina 2, Cosmos 1.0 and
+Predict2, Chroma's approximator, LTX-Video's embedders).
 
 Trainers that work on the diffusers model (SimpleTuner/LyCORIS, diffusers and PEFT scripts,
 ai-toolkit's diffusers mode, OneTrainer) name its modules; ComfyUI loads the released checkpoint,
@@ -246,8 +246,19 @@ CHROMA = {
     ),
 }
 
+# LTX-Video: ComfyUI's transformer blocks already carry diffusers' names; the embedders do not.
+LTXV = {
+    "detect": "adaln_single.linear.weight",
+    "rules": (
+        ("proj_in", "patchify_proj"),
+        ("time_embed.emb.timestep_embedder.linear_1", "adaln_single.emb.timestep_embedder.linear_1"),
+        ("time_embed.emb.timestep_embedder.linear_2", "adaln_single.emb.timestep_embedder.linear_2"),
+        ("time_embed.linear", "adaln_single.linear"),
+    ),
+}
+
 TABLES = {"wan": WAN, "hunyuan_video": HUNYUAN_VIDEO, "lumina2": LUMINA2, "cosmos1": COSMOS1,
-          "cosmos_predict2": COSMOS_PREDICT2, "chroma": CHROMA}
+          "cosmos_predict2": COSMOS_PREDICT2, "chroma": CHROMA, "ltxv": LTXV}
 
 
 def _part_rows(layout, part: int, rows: int, width: int) -> tuple[int, int]:

@@ -63,6 +63,14 @@ SIGNATURES = {
                   "guidance_in.in_layer.weight": (3072, 256),
                   **_blocks("double_blocks.", 19, "img_attn.qkv.weight", (9216, 3072)),
                   **_blocks("single_blocks.", 38, "linear1.weight", (21504, 3072))},
+    "sd35_large": {"joint_blocks.0.context_block.attn.qkv.weight": (3 * 2432, 2432),
+                   "joint_blocks.0.context_block.attn.ln_q.weight": (64,), "x_embedder.proj.weight": (2432, 16, 2, 2),
+                   "final_layer.linear.weight": (64, 2432), "y_embedder.mlp.0.weight": (2432, 2048),
+                   "context_embedder.weight": (2432, 4096), "pos_embed": (1, 36864, 2432)},
+    "ltxv": {"adaln_single.emb.timestep_embedder.linear_1.bias": (2048,),
+             **_blocks("transformer_blocks.", 28, "attn2.to_k.weight", (2048, 4096))},
+    "qwen_image": {"txt_norm.weight": (3584,), "img_in.weight": (3072, 64),
+                   **_blocks("transformer_blocks.", 60, "attn.to_q.weight", (3072, 3072))},
     "chroma": {"double_blocks.0.img_attn.norm.key_norm.scale": (128,), "img_in.weight": (3072, 64),
                "distilled_guidance_layer.norms.0.scale": (5120,), "txt_in.weight": (3072, 4096),
                **_blocks("double_blocks.", 19, "img_attn.qkv.weight", (9216, 3072)),
@@ -75,7 +83,8 @@ MODEL_CLASSES = {"wan21_t2v_14b": "WAN21", "wan21_i2v_14b": "WAN21", "wan21_vace
                  "wan22_ti2v_5b": "WAN22", "hunyuan_video": "HunyuanVideo", "hunyuan_video15": "HunyuanVideo15",
                  "lumina2": "Lumina2", "z_image": "Lumina2", "cosmos1_7b": "CosmosVideo",
                  "cosmos_predict2_2b": "CosmosPredict2", "chroma": "Chroma", "flux1_dev": "Flux",
-                 "sd15": "BaseModel", "sdxl": "SDXL"}
+                 "sd15": "BaseModel", "sdxl": "SDXL", "sd35_large": "SD3", "ltxv": "LTXV",
+                 "qwen_image": "QwenImage"}
 # UNets: ComfyUI's config (as its detection gives it, tests/in_comfyui/test_architectures.py) and
 # diffusers' UNet2DConditionModel arguments of the same release, whose config the converter reads.
 UNETS = {
@@ -126,6 +135,8 @@ CONVERTERS = {
     "chroma": ("convert_chroma_transformer_checkpoint_to_diffusers", ""),
     "z_image": ("convert_z_image_transformer_checkpoint_to_diffusers", ""),
     "flux1_dev": ("convert_flux_transformer_checkpoint_to_diffusers", ""),
+    "sd35_large": ("convert_sd3_transformer_checkpoint_to_diffusers", ""),
+    "ltxv": ("convert_ltx_transformer_checkpoint_to_diffusers", ""),
 }
 # diffusers has no single-file converter for these (test_name_tables checks them on diffusers' class)
 NO_CONVERTER = set(SIGNATURES) - set(CONVERTERS)
