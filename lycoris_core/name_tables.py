@@ -1,6 +1,6 @@
 """diffusers module names -> the model's own weight keys, for architectures whose diffusers names
 ComfyUI's LoRA key map does not know (0.28: Wan, HunyuanVideo 1.0/1.5, Lumina 2, Cosmos 1.0 and
-Predict2, Chroma's approximator, LTX-Video's embedders).
+Predict2, Chroma's approximator, LTX-Video's embedders, Flux.2's shared modulation).
 
 Trainers that work on the diffusers model (SimpleTuner/LyCORIS, diffusers and PEFT scripts,
 ai-toolkit's diffusers mode, OneTrainer) name its modules; ComfyUI loads the released checkpoint,
@@ -257,8 +257,21 @@ LTXV = {
     ),
 }
 
+# Flux.2: ComfyUI's Flux table has its blocks; not its shared modulation and timestep embedders.
+FLUX2 = {
+    "detect": "double_stream_modulation_img.lin.weight",
+    "rules": (
+        ("time_guidance_embed.timestep_embedder.linear_1", "time_in.in_layer"),
+        ("time_guidance_embed.timestep_embedder.linear_2", "time_in.out_layer"),
+        ("double_stream_modulation_img.linear", "double_stream_modulation_img.lin"),
+        ("double_stream_modulation_txt.linear", "double_stream_modulation_txt.lin"),
+        ("single_stream_modulation.linear", "single_stream_modulation.lin"),
+    ),
+}
+
 TABLES = {"wan": WAN, "hunyuan_video": HUNYUAN_VIDEO, "lumina2": LUMINA2, "cosmos1": COSMOS1,
-          "cosmos_predict2": COSMOS_PREDICT2, "chroma": CHROMA, "ltxv": LTXV}
+          "cosmos_predict2": COSMOS_PREDICT2, "chroma": CHROMA, "ltxv": LTXV,
+          "flux2": FLUX2}
 
 
 def _part_rows(layout, part: int, rows: int, width: int) -> tuple[int, int]:

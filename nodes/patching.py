@@ -108,6 +108,9 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
             strength *= block_weight(key)
             active = active and strength != 0
         offset = None if isinstance(target, str) else target[1]
+        # ComfyUI's own maps reorder some rows with a function (Flux/SD3 `norm_out.linear`: scale and
+        # shift swapped); only its weight patches apply that, so such a layer is merged, never bypassed.
+        reorder = target[2] if isinstance(target, tuple) and len(target) > 2 else None
         rows = (offset[1], offset[2]) if offset is not None and offset[0] == 0 else None
         applied = claims.conflict(key, rows)
         if applied is not None:
@@ -116,7 +119,8 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
         try:
             base = weights[key] if offset is None else weights[key].narrow(*offset)
             adapter.check_weight(base.shape)
-            layer = _bypassable_layer(owners[side], key, adapter) if active and mode == "bypass" else None
+            bypass = active and mode == "bypass" and reorder is None
+            layer = _bypassable_layer(owners[side], key, adapter) if bypass else None
             if layer is not None:
                 bypassed[side].append((key[: -len(".weight")], adapter, strength, offset))
                 report.count_bypass(adapter, LayerGeometry.of(layer))
@@ -126,7 +130,8 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
                 if adapter.changes_bias() and bias_key in weights:
                     bias_offset = None if offset is None else (0, offset[1], offset[2])
                     bias_base = weights[bias_key] if offset is None else weights[bias_key].narrow(*bias_offset)
-                    bias_target = bias_key if offset is None else (bias_key, bias_offset)
+                    bias_target = (bias_key if offset is None and reorder is None
+                                   else (bias_key, bias_offset) + ((reorder,) if reorder else ()))
                     _add(patches[side], adapter, bias_target, bias_key, bias_offset, bias_base, weights, strength,
                          bias=True)
         except AdapterFormatError as error:

@@ -71,6 +71,14 @@ SIGNATURES = {
              **_blocks("transformer_blocks.", 28, "attn2.to_k.weight", (2048, 4096))},
     "qwen_image": {"txt_norm.weight": (3584,), "img_in.weight": (3072, 64),
                    **_blocks("transformer_blocks.", 60, "attn.to_q.weight", (3072, 3072))},
+    "auraflow": {"double_layers.0.attn.w1q.weight": (3072, 3072), "positional_encoding": (1, 1024, 3072),
+                 "cond_seq_linear.weight": (3072, 2048), **_blocks("double_layers.", 4, "attn.w1q.weight", (3072, 3072)),
+                 **_blocks("single_layers.", 32, "attn.w1q.weight", (3072, 3072))},
+    "hidream": {"caption_projection.0.linear.weight": (2560, 4096)},
+    "flux2_dev": {"double_blocks.0.img_attn.norm.key_norm.scale": (128,), "img_in.weight": (6144, 128),
+                  "txt_in.weight": (6144, 15360), "double_stream_modulation_img.lin.weight": (6 * 6144, 6144),
+                  **_blocks("double_blocks.", 8, "img_attn.qkv.weight", (3 * 6144, 6144)),
+                  **_blocks("single_blocks.", 48, "linear1.weight", (3 * 6144 + 2 * 18432, 6144))},
     "chroma": {"double_blocks.0.img_attn.norm.key_norm.scale": (128,), "img_in.weight": (3072, 64),
                "distilled_guidance_layer.norms.0.scale": (5120,), "txt_in.weight": (3072, 4096),
                **_blocks("double_blocks.", 19, "img_attn.qkv.weight", (9216, 3072)),
@@ -84,7 +92,7 @@ MODEL_CLASSES = {"wan21_t2v_14b": "WAN21", "wan21_i2v_14b": "WAN21", "wan21_vace
                  "lumina2": "Lumina2", "z_image": "Lumina2", "cosmos1_7b": "CosmosVideo",
                  "cosmos_predict2_2b": "CosmosPredict2", "chroma": "Chroma", "flux1_dev": "Flux",
                  "sd15": "BaseModel", "sdxl": "SDXL", "sd35_large": "SD3", "ltxv": "LTXV",
-                 "qwen_image": "QwenImage"}
+                 "qwen_image": "QwenImage", "auraflow": "AuraFlow", "hidream": "HiDream", "flux2_dev": "Flux2"}
 # UNets: ComfyUI's config (as its detection gives it, tests/in_comfyui/test_architectures.py) and
 # diffusers' UNet2DConditionModel arguments of the same release, whose config the converter reads.
 UNETS = {
@@ -137,6 +145,9 @@ CONVERTERS = {
     "flux1_dev": ("convert_flux_transformer_checkpoint_to_diffusers", ""),
     "sd35_large": ("convert_sd3_transformer_checkpoint_to_diffusers", ""),
     "ltxv": ("convert_ltx_transformer_checkpoint_to_diffusers", ""),
+    "auraflow": ("convert_auraflow_transformer_checkpoint_to_diffusers", ""),
+    "hidream": ("convert_hidream_transformer_to_diffusers", ""),
+    "flux2_dev": ("convert_flux2_transformer_checkpoint_to_diffusers", ""),
 }
 # diffusers has no single-file converter for these (test_name_tables checks them on diffusers' class)
 NO_CONVERTER = set(SIGNATURES) - set(CONVERTERS)
@@ -173,6 +184,7 @@ _HUNYUAN_VIDEO = (
 _ORIGINAL_NAMES = {
     "chroma": lambda key: re.sub(r"(_norm|norms\.\d+)\.weight$", r"\1.scale", key),
     "flux1_dev": lambda key: re.sub(r"(_norm)\.weight$", r"\1.scale", key),
+    "flux2_dev": lambda key: re.sub(r"(_norm)\.weight$", r"\1.scale", key),
     "hunyuan_video": lambda key: _replace_all(key, _HUNYUAN_VIDEO),
     "hunyuan_video15": lambda key: _replace_all(key, _HUNYUAN_VIDEO),
 }

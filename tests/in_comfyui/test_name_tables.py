@@ -282,3 +282,29 @@ def test_duplicates_are_reported_with_the_module_applied(pack, built, tmp_path):
     assert sorted(new_model.patches) == ["diffusion_model.double_blocks.0.img_attn.qkv.weight",
                                          "diffusion_model.double_blocks.1.img_attn.proj.weight"]
     assert all(len(p) == 1 for p in new_model.patches.values())
+
+
+def test_reordered_rows_are_merged_even_in_bypass(pack, built, tmp_path):
+    """ComfyUI maps Flux's `norm_out.linear` with a row-reordering function (scale/shift swapped);
+    a forward-time bypass would skip it, so the pack merges that layer in bypass mode too."""
+    import comfy.model_patcher
+    import torch
+    from safetensors.torch import save_file
+
+    from comfyui_runtime import use_loras_folder
+
+    model, _, _ = built("flux1_dev")
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    tensors = {"transformer.norm_out.linear.lora_A.weight": torch.ones(1, 3072),
+               "transformer.norm_out.linear.lora_B.weight": torch.ones(6144, 1),
+               "transformer.proj_out.lora_A.weight": torch.ones(1, 3072),
+               "transformer.proj_out.lora_B.weight": torch.ones(64, 1)}
+    use_loras_folder(tmp_path)
+    save_file(tensors, str(tmp_path / "norm_out.safetensors"))
+    new_model, report = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]().load(
+        patcher, "norm_out.safetensors", 1.0, "bypass")["result"]
+    assert "2/2 modules matched" in report and "bypass: 1 layers" in report, report
+    (patch,) = new_model.patches["diffusion_model.final_layer.adaLN_modulation.1.weight"]
+    assert callable(patch[4]) and patch[4].__name__ == "swap_scale_shift"
+    assert list(new_model.object_patches) == ["diffusion_model.final_layer.linear.forward"]
