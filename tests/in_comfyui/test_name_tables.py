@@ -161,6 +161,8 @@ def _factors(algo: str, rows: int, shape: tuple, generator, half=None):
     if algo == "lora" or kernel:  # LoHa/LoKr only on Linear layers here
         return {"lora_up.weight": r(rows, 1, *([1] * len(kernel))), "lora_down.weight": r(1, inputs, *kernel),
                 "alpha": torch.tensor(1.0, dtype=half or torch.float32)}
+    if algo == "oft":  # OneTrainer OFT_2, scaled: 4x4 blocks tiling the input features
+        return {"oft_R.weight": r(inputs // 4, 6), "oft_R.scaled_oft": torch.tensor(True)}
     if algo == "loha":
         return {"hada_w1_a": r(rows, 1), "hada_w1_b": r(1, inputs), "hada_w2_a": r(rows, 1), "hada_w2_b": r(1, inputs),
                 "alpha": torch.tensor(1.0)}
@@ -181,11 +183,14 @@ TRAINER_FILES = {
                                    {"lycoris_config": '{"algo": "lokr", "factor": 16, "full_matrix": true}',
                                     "trained_words": "ohwx person, studio photo"}),
     "simpletuner loha": ("diffusers", lambda d, c, o: "lycoris_" + d.replace(".", "_"), "loha", {}),
+    "simpletuner lora": ("diffusers", lambda d, c, o: "lycoris_" + d.replace(".", "_"), "lora", {}),
+    "onetrainer oft_2 (scaled)": ("diffusers", lambda d, c, o: "transformer." + d, "oft", {}),
     "diffusers/peft, alpha in lora_adapter_metadata": (
         "diffusers", lambda d, c, o: "transformer." + d, "peft",
         {"lora_adapter_metadata": '{"transformer.r": 1, "transformer.lora_alpha": 2}'}),
     "ai-toolkit lokr": ("diffusers", lambda d, c, o: "diffusion_model." + d, "lokr", {}),
     "musubi loha (checkpoint names)": ("checkpoint", lambda d, c, o: "lora_unet_" + o.replace(".", "_"), "loha", {}),
+    "musubi lokr (checkpoint names)": ("checkpoint", lambda d, c, o: "lora_unet_" + o.replace(".", "_"), "lokr", {}),
     "comfyui trainer (bf16 alpha, no metadata)": ("checkpoint", lambda d, c, o: "diffusion_model." + c, "lora_bf16", {}),
 }
 FILE_ARCHS = ("wan21_i2v_14b", "wan21_vace_14b", "hunyuan_video", "lumina2", "cosmos1_7b", "cosmos_predict2_2b",
