@@ -2,12 +2,16 @@
 model (meta device), named as each trainer names it, must land on the weight and row slice that
 diffusers' single-file converters say the diffusers module comes from (tests/in_comfyui/diffusers_truth.py).
 
-Dialects (field-2026.md section 3; built from the trainers' naming code as published, no real files):
-SimpleTuner/LyCORIS `lycoris_` + diffusers path with underscores; diffusers/PEFT `transformer.`;
-ai-toolkit `diffusion_model.` + diffusers path; raw PEFT `base_model.model.`; OneTrainer legacy
-`lora_transformer_`; kohya/musubi `lora_unet_` + the checkpoint path; ComfyUI's trainer
-`diffusion_model.` + ComfyUI's path. These architectures exist only in recent runtimes: on the pinned
-March-2024 ComfyUI the detection finds none of them and the tests are skipped saying so.
+Dialects (field-2026.md section 3; no real files here: each is built from the trainer's naming as
+published): SimpleTuner/LyCORIS `lycoris_` + diffusers path with underscores (LoRA, LoHa, LoKr with
+whole w2; `lycoris_config` and `trained_words` in the header); diffusers/PEFT `transformer.` +
+`lora_A/lora_B` with alpha only in `lora_adapter_metadata`; ai-toolkit `diffusion_model.` + diffusers
+path (LoKr); raw PEFT `base_model.model.`; OneTrainer legacy `lora_transformer_` and its OFT_2
+(`oft_R.weight` + `oft_R.scaled_oft`); musubi-tuner `lora_unet_` + the released checkpoint's names
+(LoHa, LoKr) or diffusers names (its Z-Image and FramePack layouts); diffusion-pipe `transformer.` +
+checkpoint names; ComfyUI's trainer `diffusion_model.` + ComfyUI's names with a bf16 alpha and no
+metadata. These architectures exist only in recent runtimes: on the pinned March-2024 ComfyUI only
+SD1.5/SDXL run, the others are skipped naming the missing model class.
 """
 
 from __future__ import annotations
@@ -193,7 +197,8 @@ TRAINER_FILES = {
     "musubi lokr (checkpoint names)": ("checkpoint", lambda d, c, o: "lora_unet_" + o.replace(".", "_"), "lokr", {}),
     "comfyui trainer (bf16 alpha, no metadata)": ("checkpoint", lambda d, c, o: "diffusion_model." + c, "lora_bf16", {}),
 }
-FILE_ARCHS = ("wan21_i2v_14b", "wan21_vace_14b", "hunyuan_video", "lumina2", "cosmos1_7b", "cosmos_predict2_2b",
+# one release per family the pack's tables serve (every release's names are checked module by module above)
+FILE_ARCHS = ("wan21_i2v_14b", "wan21_vace_14b", "hunyuan_video", "lumina2", "cosmos_predict2_2b",
               "chroma")
 
 
