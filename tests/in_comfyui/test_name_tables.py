@@ -109,35 +109,37 @@ def test_every_checkpoint_layer_lands_on_itself(pack, built, arch):
     assert not wrong, wrong
 
 
-def test_hunyuan_video_15_names(pack, built):
-    """diffusers has no single-file converter for HunyuanVideo 1.5: its conversion script
-    (scripts/convert_hunyuan_video1_5_to_diffusers.py) names the same modules as 1.0's where they
-    exist. Checked here on diffusers' own class at its released defaults: every Linear/Conv module,
-    in every dialect, lands on a ComfyUI weight (or row slice) of exactly its shape; and the
-    release's separate q/k/v (musubi's names) land on the fused weight's rows in order."""
+# Releases diffusers has no single-file converter for, with its model class at the release's defaults:
+# HunyuanVideo 1.5 (its conversion script, scripts/convert_hunyuan_video1_5_to_diffusers.py, names the
+# same modules as 1.0's converter), Qwen-Image (diffusers' names are the checkpoint's).
+DIFFUSERS_CLASSES = {"hunyuan_video15": "HunyuanVideo15Transformer3DModel", "qwen_image": "QwenImageTransformer2DModel"}
+
+
+@pytest.mark.parametrize("arch", sorted(DIFFUSERS_CLASSES))
+def test_diffusers_class_modules_land_on_weights_of_their_shape(pack, built, arch):
+    """Every Linear/Conv module of diffusers' own class, in every dialect, lands on a ComfyUI
+    weight (or row slice) of exactly its shape (`norm_out.linear`, whose halves are swapped, aside)."""
+    import diffusers
     import torch
-    from diffusers import HunyuanVideo15Transformer3DModel
 
     from lycoris_pack.nodes.key_map import resolve
 
-    model, _, key_map = built("hunyuan_video15")
+    model, _, key_map = built(arch)
     weights = model.diffusion_model.state_dict()
     with torch.device("meta"):
-        reference = HunyuanVideo15Transformer3DModel()
+        reference = getattr(diffusers, DIFFUSERS_CLASSES[arch])()
     layers = {name: tuple(module.weight.shape) for name, module in reference.named_modules()
-              if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))}
+              if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) and name != "norm_out.linear"}
     assert len(layers) > 500
     wrong = {}
     for dialect, write in DIFFUSERS_DIALECTS.items():
         misses = []
         for name, shape in layers.items():
             target = resolve(write(name), key_map)
-            if name == "norm_out.linear":  # the scale/shift swap: left unmatched, as on 1.0
-                continue
             if target is None:
                 misses.append(f"{name}: no target")
                 continue
-            key, rows = (target, None) if isinstance(target, str) else target
+            key, rows = (target, None) if isinstance(target, str) else target[:2]
             got = tuple(weights[key[len("diffusion_model."):]].shape)
             got = got if rows is None else (rows[2],) + got[1:]
             if got != shape:
@@ -145,6 +147,13 @@ def test_hunyuan_video_15_names(pack, built):
         if misses:
             wrong[dialect] = _first(misses)
     assert not wrong, wrong
+
+
+def test_hunyuan_video_15_separate_qkv_land_on_the_fused_rows_in_order(pack, built):
+    """The 1.5 release keeps q, k and v apart (musubi-tuner writes those names); ComfyUI fuses them."""
+    from lycoris_pack.nodes.key_map import resolve
+
+    _, _, key_map = built("hunyuan_video15")
     qkv = "diffusion_model.double_blocks.3.{}_attn.qkv.weight"
     for stream in ("img", "txt"):
         starts = [resolve(f"lora_unet_double_blocks_3_{stream}_attn_{p}", key_map) for p in "qkv"]
