@@ -327,3 +327,46 @@ def test_reordered_rows_are_merged_even_in_bypass(pack, built, tmp_path):
     (patch,) = new_model.patches["diffusion_model.final_layer.adaLN_modulation.1.weight"]
     assert callable(patch[4]) and patch[4].__name__ == "swap_scale_shift"
     assert list(new_model.object_patches) == ["diffusion_model.final_layer.linear.forward"]
+
+
+def test_lumina2_gqa_slices_patch_their_rows_through_comfyui(pack, tmp_path):
+    """Lumina 2's fused qkv is q (2304 rows) | k (768) | v (768): one algorithm per slice, in
+    SimpleTuner's names, patched by ComfyUI's own calculate_weight on the full-size layer (made
+    real for this one weight); the rows each adapter computes on its slice, nothing else."""
+    import comfy.model_patcher
+    import comfy.utils
+    import torch
+    from safetensors.torch import save_file
+
+    from comfyui_runtime import use_loras_folder
+    from lycoris_pack.lycoris_core import decode_tensors
+    from lycoris_pack.nodes.weights import patched_weight
+
+    try:
+        model = comfy_model("lumina2")
+    except LookupError as error:
+        pytest.skip(str(error))
+    key = "diffusion_model.layers.0.attention.qkv.weight"
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3840, 2304, generator=g) * 0.05
+    comfy.utils.set_attr_param(model, key, base.clone())
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.05  # noqa: E731
+    tensors = {"lycoris_layers_0_attn_to_q.lokr_w1": r(48, 48), "lycoris_layers_0_attn_to_q.lokr_w2": r(48, 48),
+               "lycoris_layers_0_attn_to_k.lora_up.weight": r(768, 2), "lycoris_layers_0_attn_to_k.lora_down.weight": r(2, 2304),
+               "lycoris_layers_0_attn_to_k.alpha": torch.tensor(1.0)}
+    for j in "12":
+        tensors[f"lycoris_layers_0_attn_to_v.hada_w{j}_a"] = r(768, 2)
+        tensors[f"lycoris_layers_0_attn_to_v.hada_w{j}_b"] = r(2, 2304)
+    use_loras_folder(tmp_path)
+    save_file(tensors, str(tmp_path / "gqa.safetensors"))
+    new_model, report = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]().load(
+        patcher, "gqa.safetensors", 0.8, "merge")["result"]
+    assert "3/3 modules matched" in report, report
+    patched = patched_weight(new_model, key)
+    adapters = decode_tensors(tensors).adapters
+    for name, rows in (("to_q", slice(0, 2304)), ("to_k", slice(2304, 3072)), ("to_v", slice(3072, 3840))):
+        expected, _ = adapters[f"lycoris_layers_0_attn_{name}"].patch(base[rows], 0.8)
+        torch.testing.assert_close(patched[rows], expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(patched[rows], base[rows])
