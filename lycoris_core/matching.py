@@ -1,7 +1,8 @@
 """Map adapter modules onto a model's layers and report the coverage of every load.
 
 Outside ComfyUI (command line, generic state dicts) a module name matches a layer `X.weight`
-when both are equal in underscore form after stripping the known dialect prefixes. ComfyUI's own
+when both are equal in underscore form after stripping the known dialect prefixes, or when the
+pack's name tables give the layer of a diffusers name (whole weights only: no fused-row slices here). ComfyUI's own
 key maps are used by `nodes/` instead; both produce the same `Coverage`.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .keys import underscore_form
+from .name_tables import whole_weight_targets
 
 
 @dataclass
@@ -103,6 +105,9 @@ def match_generic(adapter_file, model_keys) -> Coverage:
     """Coverage of `adapter_file` on a generic state dict with keys `model_keys`."""
     keys = list(model_keys)
     index = layer_index(keys)
+    # diffusers names of architectures whose checkpoints name layers otherwise (name_tables)
+    for name, key in whole_weight_targets(keys).items():
+        index.setdefault(name.replace(".", "_"), key)
     coverage = Coverage(
         source=adapter_file.name,
         unknown_keys=list(adapter_file.unknown_keys),

@@ -287,7 +287,7 @@ def _part_rows(layout, part: int, rows: int, width: int) -> tuple[int, int]:
 def diffusers_targets(shapes: dict, prefix: str = "diffusion_model.") -> dict:
     """Module name (diffusers, or the released checkpoint's where ComfyUI renames it) -> weight
     key, or `(key, (0, start, rows))` for part of a fused weight, for every table whose `detect`
-    key `shapes` (weight key -> shape) holds."""
+    key `shapes` (weight key -> shape, or None when unknown: fused parts are then left out) holds."""
     found: dict = {}
     for table in TABLES.values():
         if prefix + table["detect"] not in shapes:
@@ -304,7 +304,23 @@ def diffusers_targets(shapes: dict, prefix: str = "diffusion_model.") -> dict:
                     continue
                 try:
                     start, length = _part_rows(*rows[0], shape[0], shape[1])
-                except (ValueError, IndexError):
-                    continue  # not the fused layout this rule describes: leave the module unmapped
+                except (ValueError, IndexError, TypeError):
+                    continue  # no shape, or not the fused layout this rule describes: leave it unmapped
                 found.setdefault(name, (key, (0, start, length)))
+    return found
+
+
+# where a generic state dict keeps the diffusion model's keys (a bare release, a ComfyUI checkpoint)
+STATE_DICT_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
+
+
+def whole_weight_targets(model_keys) -> dict:
+    """diffusers module name -> weight key of a generic state dict, for the table entries that
+    are a whole weight (the command line's merge has no row slices)."""
+    shapes = dict.fromkeys(model_keys)
+    found: dict = {}
+    for prefix in STATE_DICT_PREFIXES:
+        for name, target in diffusers_targets(shapes, prefix).items():
+            if isinstance(target, str):
+                found.setdefault(name, target)
     return found

@@ -79,3 +79,35 @@ def test_two_modules_for_one_layer_report_which_was_applied():
     assert "2/3 modules matched, 0 unmatched, 0 keys not understood, 0 modules with errors, 1 duplicates" in lines[0]
     assert lines[1:] == ["  duplicate: a layer or rows another module already patches (1):",
                          "    " + coverage.duplicates[0]]
+
+
+def test_command_line_matching_knows_diffusers_names_of_whole_weights():
+    """A released Wan checkpoint (original names, as `merge --base` reads it) and a SimpleTuner file
+    (diffusers names): whole weights match through the name tables, including Wan's norm2/norm3
+    swap; a fused-row slice (HunyuanVideo's linear1) is not guessed, it stays unmatched."""
+    keys = ["model.diffusion_model.head.modulation", "model.diffusion_model.blocks.0.self_attn.q.weight",
+            "model.diffusion_model.blocks.0.cross_attn.k_img.weight", "model.diffusion_model.blocks.0.norm3.weight",
+            "model.diffusion_model.blocks.0.ffn.0.weight"]
+    tensors = {}
+    for name in ("lycoris_blocks_0_attn1_to_q", "lycoris_blocks_0_attn2_add_k_proj", "lycoris_blocks_0_ffn_net_0_proj",
+                 "lora_unet_blocks_0_self_attn_q"):
+        tensors[f"{name}.lora_up.weight"] = torch.ones(4, 1)
+        tensors[f"{name}.lora_down.weight"] = torch.ones(1, 4)
+    tensors["lycoris_blocks_0_norm2.diff"] = torch.ones(4)
+    coverage = match_generic(decode_tensors(tensors, path="wan.safetensors"), keys)
+    assert coverage.matched == {
+        "lycoris_blocks_0_attn1_to_q": "model.diffusion_model.blocks.0.self_attn.q.weight",
+        "lycoris_blocks_0_attn2_add_k_proj": "model.diffusion_model.blocks.0.cross_attn.k_img.weight",
+        "lycoris_blocks_0_ffn_net_0_proj": "model.diffusion_model.blocks.0.ffn.0.weight",
+        "lycoris_blocks_0_norm2": "model.diffusion_model.blocks.0.norm3.weight",
+    }
+    assert [line.split(":")[0] for line in coverage.duplicates] == ["lora_unet_blocks_0_self_attn_q"]
+    hunyuan = ["txt_in.individual_token_refiner.blocks.0.norm1.weight", "single_blocks.0.linear1.weight",
+               "single_blocks.0.linear2.weight"]
+    sliced = {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(1, 4),
+              "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.ones(4, 1),
+              "transformer.single_transformer_blocks.0.proj_out.lora_A.weight": torch.ones(1, 4),
+              "transformer.single_transformer_blocks.0.proj_out.lora_B.weight": torch.ones(4, 1)}
+    coverage = match_generic(decode_tensors(sliced, path="hv.safetensors"), hunyuan)
+    assert coverage.matched == {"transformer.single_transformer_blocks.0.proj_out": "single_blocks.0.linear2.weight"}
+    assert coverage.unmatched == ["transformer.single_transformer_blocks.0.attn.to_q"]
