@@ -2,7 +2,8 @@
 
 Every dialect of DESIGN.md section 3 must map 100% of a model's adaptable layers, on each
 architecture the running ComfyUI has. Flux exists only in recent runtimes: its tests are
-skipped (reported as skipped) on the pinned March-2024 one.
+skipped (reported as skipped) on the pinned March-2024 one. Flux models are built from a diffusers
+state dict through ComfyUI's own conversion and detection, so no parameter list is written here.
 """
 
 from __future__ import annotations
@@ -26,15 +27,20 @@ SDXL = dict(SD15, **{
     "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
     "context_dim": 2048, "num_heads": -1, "num_head_channels": 64,
 })
-FLUX = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 768,
-        "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
-        "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
-        "guidance_embed": True}
 
 
 def _meta_model(config_class, unet_config):
     with torch.device("meta"):
         return config_class(dict(unet_config)).get_model({}, device=torch.device("meta"))
+
+
+def meta_flux():
+    """Flux.1-dev at its released size, on the meta device, as ComfyUI detects it."""
+    from diffusers import FluxTransformer2DModel
+
+    from tiny_models import meta_model_from_diffusers
+
+    return meta_model_from_diffusers(FluxTransformer2DModel, guidance_embeds=True)
 
 
 def _dialects(name: str, arch: str):
@@ -50,9 +56,9 @@ def _dialects(name: str, arch: str):
 def _architectures():
     import comfy.supported_models as sm
 
-    found = {"sd15": (sm.SD15, SD15), "sdxl": (sm.SDXL, SDXL)}
+    found = {"sd15": lambda: _meta_model(sm.SD15, SD15), "sdxl": lambda: _meta_model(sm.SDXL, SDXL)}
     if hasattr(sm, "Flux"):
-        found["flux"] = (sm.Flux, FLUX)
+        found["flux"] = meta_flux
     return found
 
 
@@ -65,12 +71,11 @@ def test_every_dialect_maps_every_layer(pack, arch):
     architectures = _architectures()
     if arch not in architectures:
         pytest.skip(f"this ComfyUI has no {arch} model class")
-    config_class, unet_config = architectures[arch]
-    model = _meta_model(config_class, unet_config)
+    model = architectures[arch]()
     key_map = build_key_map(types.SimpleNamespace(model=model))
     weights = {k: v for k, v in model.state_dict().items()}
     if arch == "flux":
-        diffusers = comfy.utils.flux_to_diffusers(unet_config, output_prefix="diffusion_model.")
+        diffusers = comfy.utils.flux_to_diffusers(model.model_config.unet_config, output_prefix="diffusion_model.")
     else:
         diffusers = comfy.utils.unet_to_diffusers(model.model_config.unet_config)
         diffusers = {k: "diffusion_model." + v for k, v in diffusers.items()}
@@ -94,13 +99,7 @@ def test_every_dialect_maps_every_layer(pack, arch):
     assert not missing, missing
 
 
-TINY_FLUX = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 16,
-             "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
-             "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
-             "guidance_embed": False}
-
-
-def _slice_adapters(rank=2, hidden=64, mlp=256):
+def _slice_adapters(rank=2, hidden=256, mlp=1024):
     """One algorithm per slice of the fused weights, in SimpleTuner's `lycoris_` naming."""
     g = torch.Generator().manual_seed(7)
     r = lambda *shape: torch.randn(*shape, generator=g) * 0.1  # noqa: E731
@@ -113,7 +112,7 @@ def _slice_adapters(rank=2, hidden=64, mlp=256):
         t[f"{k}.hada_w{j}_a"], t[f"{k}.hada_w{j}_b"] = r(hidden, rank), r(rank, hidden)
     t[f"{k}.alpha"] = torch.tensor(1.0)
     v = "lycoris_transformer_blocks_0_attn_to_v"
-    t.update({f"{v}.lokr_w1": r(4, 4), f"{v}.lokr_w2_a": r(16, rank), f"{v}.lokr_w2_b": r(rank, 16),
+    t.update({f"{v}.lokr_w1": r(4, 4), f"{v}.lokr_w2_a": r(hidden // 4, rank), f"{v}.lokr_w2_b": r(rank, hidden // 4),
               f"{v}.alpha": torch.tensor(1.0)})
     p = "lycoris_single_transformer_blocks_0_proj_mlp"
     t.update({f"{p}.lora_up.weight": r(mlp, rank), f"{p}.lora_down.weight": r(rank, hidden),
@@ -122,20 +121,17 @@ def _slice_adapters(rank=2, hidden=64, mlp=256):
 
 
 def test_every_algorithm_lands_on_its_slice_of_a_fused_weight(pack, tmp_path):
-    import comfy.model_patcher
     import comfy.supported_models as sm
     from safetensors.torch import save_file
 
     from comfyui_runtime import use_loras_folder
     from lycoris_pack.lycoris_core import decode_tensors
-    from tiny_models import _randomise, patched_state_dict
+    from tiny_models import patched_state_dict, tiny_flux
 
     if not hasattr(sm, "Flux"):
         pytest.skip("this ComfyUI has no Flux model class")
-    model = sm.Flux(dict(TINY_FLUX)).get_model({})
-    _randomise(model.diffusion_model, 0)
-    cpu = torch.device("cpu")
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    patcher = tiny_flux(tmp_path / "diffusion_models")
+    model = patcher.model
     tensors = _slice_adapters()
     use_loras_folder(tmp_path)
     save_file(tensors, str(tmp_path / "slices.safetensors"))
@@ -148,10 +144,10 @@ def test_every_algorithm_lands_on_its_slice_of_a_fused_weight(pack, tmp_path):
         adapters = decode_tensors(tensors).adapters
         qkv, linear1 = "diffusion_model.double_blocks.0.img_attn.qkv.weight", "diffusion_model.single_blocks.0.linear1.weight"
         for i, name in enumerate(("to_q", "to_k", "to_v")):
-            rows = slice(64 * i, 64 * (i + 1))
+            rows = slice(256 * i, 256 * (i + 1))
             expected, _ = adapters[f"lycoris_transformer_blocks_0_attn_{name}"].patch(base[qkv][rows], strength)
             torch.testing.assert_close(patched[qkv][rows], expected, rtol=1e-5, atol=1e-6)
-        mlp_rows = slice(3 * 64, 3 * 64 + 256)
+        mlp_rows = slice(3 * 256, 3 * 256 + 1024)
         expected, _ = adapters["lycoris_single_transformer_blocks_0_proj_mlp"].patch(base[linear1][mlp_rows], strength)
         torch.testing.assert_close(patched[linear1][mlp_rows], expected, rtol=1e-5, atol=1e-6)
-        assert torch.equal(patched[linear1][: 3 * 64], base[linear1][: 3 * 64])  # the qkv part untouched
+        assert torch.equal(patched[linear1][: 3 * 256], base[linear1][: 3 * 256])  # the qkv part untouched

@@ -9,10 +9,10 @@ import re
 import pytest
 import torch
 
-from test_architectures import FLUX, SD15, SDXL
+from test_architectures import SD15, SDXL, meta_flux
 
-# DiT classes whose defaults build a full-size model; Flux needs its parameters
-DITS = {"flux": ("Flux", FLUX), "sd3": ("SD3", None), "wan": ("WAN21_T2V", None), "lumina": ("Lumina2", None),
+# DiT classes whose defaults build a full-size model; Flux is built from its diffusers state dict
+DITS = {"flux": ("Flux", meta_flux), "sd3": ("SD3", None), "wan": ("WAN21_T2V", None), "lumina": ("Lumina2", None),
         "qwen_image": ("QwenImage", None), "ltx": ("LTXV", None)}
 LISTS = {"flux": {"double_blocks": "D", "single_blocks": "S"}, "sd3": {"joint_blocks": "J"}, "wan": {"blocks": "B"},
          "lumina": {"layers": "L"}, "qwen_image": {"transformer_blocks": "T"}, "ltx": {"transformer_blocks": "T"}}
@@ -86,5 +86,5 @@ def test_dit_ids_on_comfyui_models(pack, arch):
     config_class = getattr(sm, class_name, None)
     if config_class is None:
         pytest.skip(f"this ComfyUI has no {class_name} model class")
-    model = _meta(config_class, config if config is not None else config_class.unet_config)
+    model = config() if config is not None else _meta(config_class, config_class.unet_config)
     _check(model, arch, lambda key: _expected_dit(key, arch))

@@ -3,8 +3,6 @@ never rewritten, so fp8 models keep the adapter's full effect."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,15 +33,12 @@ def _to_fp8(patcher):
 
 
 def _dequantised_copy(patcher):
-    """The same model with fp32 weights equal to the fp8 ones (the exact reference's base)."""
-    import comfy.model_patcher
-
-    model = copy.deepcopy(patcher.model)
-    for module in _adaptable(model.diffusion_model):
-        module.weight = torch.nn.Parameter(module.weight.detach().to(torch.float32), requires_grad=False)
-        module.comfy_cast_weights = False
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    """The same model with fp32 weights equal to the fp8 ones (the exact reference's base), built
+    afresh from ComfyUI's config class: a BaseModel cannot be deep-copied on every runtime."""
+    reference = tiny_sd15()
+    weights = {k: v.to(torch.float32) for k, v in patcher.model.diffusion_model.state_dict().items()}
+    reference.model.diffusion_model.load_state_dict(weights)
+    return reference
 
 
 def _run(patcher):

@@ -47,6 +47,70 @@ def tiny_sd15(seed: int = 0):
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
 
+# A Flux small enough for the CPU: ComfyUI derives Flux's head size from its fixed rope axes
+# (16 + 56 + 56 = 128), so the hidden size must be a multiple of 128.
+TINY_FLUX = {"patch_size": 1, "in_channels": 64, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 128,
+             "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16,
+             "guidance_embeds": False, "axes_dims_rope": (16, 56, 56)}
+
+
+def comfy_layout(diffusers_state_dict: dict) -> dict:
+    """A diffusers DiT state dict (Flux, SD3, AuraFlow, ...) in the layout of ComfyUI's own
+    checkpoints, converted by ComfyUI's own conversion (q/k/v fused as it fuses them)."""
+    import comfy.model_detection
+
+    converted = comfy.model_detection.convert_diffusers_mmdit(diffusers_state_dict, "")
+    if converted is None:
+        raise ValueError("this ComfyUI cannot convert that diffusers state dict")
+    return converted
+
+
+def meta_model_from_diffusers(diffusers_class, **config):
+    """ComfyUI's BaseModel for a diffusers DiT at the size `config` gives (diffusers' defaults are
+    the released sizes), on the meta device, detected by ComfyUI from the state dict's shapes as
+    when it loads a checkpoint: no parameter list is written here."""
+    import comfy.model_detection
+
+    with torch.device("meta"):
+        state_dict = comfy_layout(diffusers_class(**config).state_dict())
+        model_config = comfy.model_detection.model_config_from_unet(state_dict, "")
+        if model_config is None:
+            raise ValueError(f"this ComfyUI does not detect {diffusers_class.__name__}")
+        return model_config.get_model({}, device=torch.device("meta"))
+
+
+def write_tiny_flux(path, seed: int = 0, **config) -> dict:
+    """A random tiny Flux checkpoint (ComfyUI layout) at `path`; returns its state dict."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(**{**TINY_FLUX, **config})
+    _randomise(model, seed)
+    state_dict = {k: v.contiguous() for k, v in comfy_layout(model.state_dict()).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict, str(path))
+    return state_dict
+
+
+def load_diffusion_model(folder, name: str, weight_dtype: str = "default"):
+    """`name` from `folder` through ComfyUI's own Load Diffusion Model node (UNETLoader)."""
+    import folder_paths
+    import nodes
+
+    from comfyui_runtime import use_model_folder
+
+    kind = "diffusion_models" if "diffusion_models" in folder_paths.folder_names_and_paths else "unet"  # 2024: unet
+    use_model_folder(kind, folder)
+    return nodes.UNETLoader().load_unet(name, weight_dtype)[0]
+
+
+def tiny_flux(folder, seed: int = 0, weight_dtype: str = "default"):
+    """A ModelPatcher around a tiny Flux written to `folder` and loaded by UNETLoader, as a user loads one."""
+    write_tiny_flux(folder / "tiny_flux.safetensors", seed)
+    return load_diffusion_model(folder, "tiny_flux.safetensors", weight_dtype)
+
+
 def tiny_clip(tmp_path, seed: int = 1):
     """ComfyUI's SD1 CLIP wrapper around a 2-layer text model."""
     import comfy.sd
