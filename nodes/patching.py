@@ -13,7 +13,8 @@ import torch
 
 from ..lycoris_core import AdapterFormatError, LayerGeometry
 from ..lycoris_core.algos.tlora import current_timestep
-from ..lycoris_core.matching import Coverage
+from ..lycoris_core.matching import Coverage, TargetClaims, duplicate_line
+from ..lycoris_core.reader import trainer_notes
 from .bypass import BypassForward
 from .key_map import build_key_map, is_text_encoder_module, resolve, target_key
 from .patches import LAZY, diff_patch, embed_slice, lazy_patch
@@ -42,6 +43,7 @@ class LoadReport:
             "algorithms: " + ", ".join(f"{k} x{v}" for k, v in adapter_file.algorithms().items())
             + "; ranks: " + (", ".join(map(str, adapter_file.ranks())) or "-"),
         ]
+        lines.extend(trainer_notes(adapter_file.metadata, adapter_file.context.peft_config))
         on_model = sum(1 for v in self.targets.values() if v == "model")
         on_clip = sum(1 for v in self.targets.values() if v == "clip")
         lines.append(f"patched: {on_model} model layers, {on_clip} text-encoder layers")
@@ -87,6 +89,7 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
     patches: dict[str, dict[float, dict]] = {"model": {}, "clip": {}}
     bypassed: dict[str, list] = {"model": [], "clip": []}  # (module path, adapter, strength, offset)
     owners = {"model": model, "clip": clip}
+    claims = TargetClaims()
 
     for module, adapter in adapter_file.adapters.items():
         target = resolve(module, key_map)
@@ -105,10 +108,19 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
             strength *= block_weight(key)
             active = active and strength != 0
         offset = None if isinstance(target, str) else target[1]
+        # ComfyUI's own maps reorder some rows with a function (Flux/SD3 `norm_out.linear`: scale and
+        # shift swapped); only its weight patches apply that, so such a layer is merged, never bypassed.
+        reorder = target[2] if isinstance(target, tuple) and len(target) > 2 else None
+        rows = (offset[1], offset[2]) if offset is not None and offset[0] == 0 else None
+        applied = claims.conflict(key, rows)
+        if applied is not None:
+            coverage.duplicates.append(duplicate_line(module, key, applied, rows))
+            continue
         try:
             base = weights[key] if offset is None else weights[key].narrow(*offset)
             adapter.check_weight(base.shape)
-            layer = _bypassable_layer(owners[side], key, adapter) if active and mode == "bypass" else None
+            bypass = active and mode == "bypass" and reorder is None
+            layer = _bypassable_layer(owners[side], key, adapter) if bypass else None
             if layer is not None:
                 bypassed[side].append((key[: -len(".weight")], adapter, strength, offset))
                 report.count_bypass(adapter, LayerGeometry.of(layer))
@@ -118,7 +130,8 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
                 if adapter.changes_bias() and bias_key in weights:
                     bias_offset = None if offset is None else (0, offset[1], offset[2])
                     bias_base = weights[bias_key] if offset is None else weights[bias_key].narrow(*bias_offset)
-                    bias_target = bias_key if offset is None else (bias_key, bias_offset)
+                    bias_target = (bias_key if offset is None and reorder is None
+                                   else (bias_key, bias_offset) + ((reorder,) if reorder else ()))
                     _add(patches[side], adapter, bias_target, bias_key, bias_offset, bias_base, weights, strength,
                          bias=True)
         except AdapterFormatError as error:
@@ -127,6 +140,7 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
         except (RuntimeError, ValueError, IndexError) as error:  # e.g. a slice the layer does not have
             coverage.problems.append(str(adapter.error(f"cannot patch {key} at {offset}: {error}")))
             continue
+        claims.add(module, key, rows)
         coverage.matched[module] = key
         report.targets[module] = side
 

@@ -163,10 +163,12 @@ class PeftOFT(Adapter):
     """PEFT OFT v2: `oft_R.weight` (n_blocks, bs(bs-1)/2) holds the strict upper triangle of each
     skew block; blocks tile the input features (Linear I, conv I*kh*kw); `block_share` stores one
     block used for all of them. Files written before PEFT 0.18 with `use_cayley_neumann` used an
-    older series (PEFT itself only warns): decoded with the current one."""
+    older series (PEFT itself only warns): decoded with the current one. OneTrainer's OFT_2 writes
+    the same key; with its "scaled OFT" it trains `oft_R / (2 sqrt(bs - 1))` and marks the module
+    with a boolean `oft_R.scaled_oft` (its OFTRotationModule.forward)."""
 
     algo = "oft"
-    suffixes = ("oft_R.weight",)
+    suffixes = ("oft_R.weight", "oft_R.scaled_oft")
     additive = False
 
     @classmethod
@@ -212,6 +214,9 @@ class PeftOFT(Adapter):
         """(columns / bs, bs, bs) Cayley rotations as PEFT computes them for this file's config."""
         config, bs = self.config, self.block_size
         vectors = self.t("oft_R.weight")
+        scaled = self.tensors.get("oft_R.scaled_oft")
+        if scaled is not None and bool(scaled.reshape(-1)[0]) and bs > 1:
+            vectors = vectors / (2 * math.sqrt(bs - 1))
         rows, cols = torch.triu_indices(bs, bs, 1)
         q = torch.zeros(vectors.shape[0], bs, bs, dtype=vectors.dtype, device=vectors.device)
         q[:, rows, cols] = vectors
