@@ -28,23 +28,21 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from comfyui_runtime import import_comfy, import_pack, use_loras_folder  # noqa: E402
 
-SD15_UNET = {
-    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
-    "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
-    "use_temporal_resblock": False, "use_temporal_attention": False,
-}
 RANK, ALPHA, LOKR_FACTOR = 16, 8.0, 8
 
 
 def sd15_patcher():
-    """ComfyUI's SD1.5 BaseModel at full size with random fp16 weights, in a CPU ModelPatcher."""
+    """ComfyUI's SD1.5 BaseModel at full size (configured by ComfyUI's own detection from the
+    diffusers layout) with random fp16 weights, in a CPU ModelPatcher."""
+    import comfy.model_detection
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.SD15(dict(SD15_UNET))
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):  # diffusers' defaults are SD1.5's UNet but for its text width
+        diffusers_layout = UNet2DConditionModel(cross_attention_dim=768).state_dict()
+    config = comfy.supported_models.SD15(comfy.model_detection.unet_config_from_diffusers_unet(diffusers_layout))
     config.set_inference_dtype(torch.float16, None)
     model = config.get_model({})
     g = torch.Generator().manual_seed(0)
@@ -56,14 +54,16 @@ def sd15_patcher():
 
 
 def transformer_linears(patcher) -> dict:
-    """kohya module name -> weight shape, for every Linear inside a transformer block."""
+    """kohya module name -> weight shape, for every Linear inside a transformer block (one name
+    per layer: ComfyUI knows each under its diffusers and its original name)."""
     import comfy.lora
 
     weights = patcher.model.state_dict()
-    names = comfy.lora.model_lora_keys_unet(patcher.model, {})
-    return {name[: -len(".weight")] if name.endswith(".weight") else name: tuple(weights[key].shape)
-            for name, key in names.items()
-            if name.startswith("lora_unet_") and "transformer_blocks" in key and weights[key].dim() == 2}
+    layers = {}
+    for name, key in comfy.lora.model_lora_keys_unet(patcher.model, {}).items():
+        if name.startswith("lora_unet_") and "transformer_blocks" in key and weights[key].dim() == 2:
+            layers.setdefault(key, (name, tuple(weights[key].shape)))
+    return dict(layers.values())
 
 
 def adapter_tensors(algo: str, layers: dict, g) -> dict:

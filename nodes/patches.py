@@ -74,28 +74,41 @@ class LycorisWeightPatch(WeightAdapterBase if LAZY else object):
         """Patch `weight` in place and return it.
 
         `weight` may be a narrowed view of a fused weight (ComfyUI keeps the full tensor), so the
-        result is written into it. ComfyUI's `function` maps the change (identity unless a hook
-        sets one), as for its own adapters. The math runs in fp32 whatever `intermediate_dtype`
-        says (low-VRAM passes the weight's own fp16/bf16 there): the trainers' formulas (Hadamard
-        products, Cayley inverses, DoRA norms) lose digits in half precision, the factors are
-        small, and rounding once at the end makes a staged patch give bit for bit the weight a
-        full load computes. Full-size fp32 temporaries: the change, plus one copy of a non-fp32
-        weight.
+        result is written into it. ComfyUI's `function` maps the change, as for its own adapters;
+        it is the identity for every patch this pack adds (its targets carry none), and then the
+        change of an additive family goes straight into the weight (LoRA: one fused addmm).
+        The math runs in fp32 whatever `intermediate_dtype` says (low-VRAM passes the weight's own
+        fp16/bf16 there): the trainers' formulas (Hadamard products, Cayley inverses, DoRA norms)
+        lose digits in half precision, the factors are small, and rounding once at the end makes
+        a staged patch give bit for bit the weight a full load computes. Full-size fp32
+        temporaries: the change (none for an in-place LoRA), plus one copy of a non-fp32 weight.
         """
         adapter = self.adapter(weight.device)
         work = weight if weight.dtype == COMPUTE_DTYPE else weight.to(COMPUTE_DTYPE)
-        if self.weights[0].bias:
-            change = adapter.patch_bias(work, strength) - work
-        elif adapter.additive and not adapter.has_dora:
-            change = adapter.delta(work)  # may be a stored tensor itself (Full): never scaled in place
-            if strength != 1:
-                change = change * strength
+        additive = adapter.additive and not adapter.has_dora and not self.weights[0].bias
+        if additive and _is_identity(function, work):
+            work = adapter.add_delta(work, strength, inplace=True)
         else:
-            change = adapter.patch(work, strength)[0] - work
-        work += function(change) if function is not None else change
+            if self.weights[0].bias:
+                change = adapter.patch_bias(work, strength) - work
+            elif additive:
+                change = adapter.delta(work)  # may be a stored tensor itself (Full): never scaled in place
+                change = change if strength == 1 else change * strength
+            else:
+                change = adapter.patch(work, strength)[0] - work
+            work += function(change) if function is not None else change
         if work is not weight:
             weight.copy_(work)
         return weight
+
+
+def _is_identity(function, like: torch.Tensor) -> bool:
+    """Whether ComfyUI's patch `function` leaves a change as it is (calculate_weight hands an
+    identity lambda where the patch target names none)."""
+    if function is None:
+        return True
+    probe = like.new_empty(0)
+    return function(probe) is probe
 
 
 def lazy_patch(adapter, bias: bool = False):
