@@ -15,6 +15,8 @@ Runs on the ComfyUI that tests/comfyui_runtime.py finds (COMFYUI_PATH first), e.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import sys
@@ -117,7 +119,8 @@ def main() -> None:
 
     def ours(name):
         cache.clear()  # decode the file every run, as ComfyUI's loader reads it every run
-        return ours_node.load(patcher, name, 1.0, "merge")["result"][0]
+        with contextlib.redirect_stdout(io.StringIO()):  # the node prints its load report
+            return ours_node.load(patcher, name, 1.0, "merge")["result"][0]
 
     def comfyui(name):
         return nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, name, 1.0)[0]  # fresh: no cached file
