@@ -254,6 +254,7 @@ class Adapter:
         file was read, and the values may not be written yet when the copy is made."""
         clone = copy.copy(self)
         clone.tensors = tensors
+        clone._bypass_cache = {}  # built from the old tensors
         return clone
 
     # -- bypass -----------------------------------------------------------------------------
