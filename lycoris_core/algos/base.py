@@ -248,6 +248,15 @@ class Adapter:
         """Whether `patch_bias` can differ from the input (ComfyUI needs a patch on the bias key)."""
         return False
 
+    def with_tensors(self, tensors: dict[str, torch.Tensor]) -> "Adapter":
+        """A copy computing from `tensors` (same keys and shapes as its own, e.g. copies a memory
+        manager staged on another device). Not validated again: the shapes were checked when the
+        file was read, and the values may not be written yet when the copy is made."""
+        clone = copy.copy(self)
+        clone.tensors = tensors
+        clone._bypass_cache = {}  # built from the old tensors
+        return clone
+
     # -- bypass -----------------------------------------------------------------------------
     # A layer runs its adapters as y' = g(f(T(x)) + h(x)): T an input-side transform the caller
     # applies before the base forward f (rotations, scales, GLoRA's x + a(x)), h an additive

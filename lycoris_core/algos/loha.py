@@ -79,18 +79,26 @@ class LoHa(Adapter):
         a, b = self.tensors["hada_w1_a"], self.tensors["hada_w1_b"]
         return (a.shape[0], b.shape[1])
 
-    def delta(self, weight):
-        # gamma folded into the first small factor: no extra pass over the full-size product
+    def halves(self):
+        """The two full-size Hadamard factors, gamma folded into the first (its small factor, so
+        no extra pass over a full-size product)."""
         first = {"1": self.scale, "2": 1.0}
         if self.tucker:
-            parts = [
+            return [
                 torch.einsum("ij...,io,jk->ok...", self.t(f"hada_t{j}"), self.t(f"hada_w{j}_a") * first[j],
                              self.t(f"hada_w{j}_b"))
                 for j in "12"
             ]
-        else:
-            parts = [(flat(self.t(f"hada_w{j}_a")) * first[j]) @ flat(self.t(f"hada_w{j}_b")) for j in "12"]
-        return parts[0].mul_(parts[1]).reshape(weight.shape)
+        return [(flat(self.t(f"hada_w{j}_a")) * first[j]) @ flat(self.t(f"hada_w{j}_b")) for j in "12"]
+
+    def delta(self, weight):
+        one, two = self.halves()
+        return one.mul_(two).reshape(weight.shape)
+
+    def add_delta(self, w, factor, inplace=False):
+        # W + m * (T1 * T2) in one pass over the weight (no full-size product kept)
+        one, two = (half.reshape(w.shape) for half in self.halves())
+        return w.addcmul_(one, two, value=factor) if inplace else torch.addcmul(w, one, two, value=factor)
 
     def product_factors_cheaper(self, geometry, shape) -> bool:
         """Whether the rank-r1*r2 product form costs fewer multiply-adds per output position than

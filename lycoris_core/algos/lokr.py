@@ -112,6 +112,18 @@ class LoKr(Adapter):
         d = torch.kron((w1 * self.scale).contiguous(), w2.contiguous())  # gamma on the small factor
         return d.reshape(weight.shape)
 
+    def add_delta(self, w, factor, inplace=False):
+        if w.dim() != 2 or not (inplace and w.is_contiguous()):
+            return super().add_delta(w, factor, inplace)
+        # Linear, in place: W viewed as (a, b, c, d) takes w1[i, j] * W2[k, l] at [i, k, j, l],
+        # one broadcast pass over the weight instead of a full-size Kronecker product
+        w1, w2 = self.w1() * self.scale, self.w2()
+        if w2.dim() != 2 or w1.shape[0] * w2.shape[0] != w.shape[0] or w1.shape[1] * w2.shape[1] != w.shape[1]:
+            return super().add_delta(w, factor, inplace)
+        (a, c), (b, d) = w1.shape, w2.shape
+        w.view(a, b, c, d).addcmul_(w1.view(a, 1, c, 1), w2.view(1, b, 1, d), value=factor)
+        return w
+
     def bypass(self, x, y, weight, bias, geometry, strength=1.0, *, token=None, input_applied=False):
         if self.has_dora or not geometry.linear:
             return super().bypass(x, y, weight, bias, geometry, strength, token=token, input_applied=input_applied)
