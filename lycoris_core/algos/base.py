@@ -204,7 +204,9 @@ class Adapter:
 
     # -- merge ------------------------------------------------------------------------------
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
-        """gamma * dW in fp32, shaped like `weight` (additive families)."""
+        """gamma * dW in fp32, shaped like `weight` (additive families).
+
+        Read-only for callers: a family may return a stored tensor itself (Full's `diff`)."""
         raise NotImplementedError
 
     def bias_delta(self, bias: torch.Tensor | None) -> torch.Tensor | None:
