@@ -22,6 +22,10 @@ try:
     from comfy.ops import cast_bias_weight
 except ImportError:  # pragma: no cover - every known runtime has it
     cast_bias_weight = None
+try:  # ComfyUI 0.28: casts hand back an offload handle that must be released (dynamic VRAM pins)
+    from comfy.ops import uncast_bias_weight
+except ImportError:
+    uncast_bias_weight = None
 
 try:  # ComfyUI >= 0.3.4x
     from comfy.patcher_extension import PatcherInjection
@@ -31,12 +35,21 @@ except ImportError:  # the pinned March-2024 runtime
 INJECTION_KEY = "lycoris_bypass"
 
 
+def _no_release():
+    return None
+
+
 def _layer_weights(module, x):
-    """The layer's weight and bias, dequantised, as the layer itself would use them on `x`."""
+    """(weight, bias, release): the layer's weight and bias, dequantised, as the layer itself would
+    use them on `x`; call `release()` once done with them."""
+    release = _no_release
     own_cast = getattr(type(module), "cast_bias_weight", None)  # op classes with their own dequantiser (GGUF)
     try:
         if callable(own_cast):
             weight, bias = module.cast_bias_weight(x)[:2]
+        elif cast_bias_weight is not None and uncast_bias_weight is not None and hasattr(module, "weight_function"):
+            weight, bias, handle = cast_bias_weight(module, x, offloadable=True)
+            release = lambda: uncast_bias_weight(module, weight, bias, handle)  # noqa: E731
         elif cast_bias_weight is not None and hasattr(module, "weight_function"):
             weight, bias = cast_bias_weight(module, x)[:2]
         else:
@@ -46,8 +59,8 @@ def _layer_weights(module, x):
     if is_quantized_tensor(weight):  # a runtime that hands the stored form back
         weight = weight.dequantize()
     if not (isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dtype.itemsize >= 2):
-        return None, None
-    return weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        return None, None, release
+    return weight.to(x.dtype), None if bias is None else bias.to(x.dtype), release
 
 
 class BypassForward:
@@ -79,23 +92,26 @@ class BypassForward:
             y = self.previous(x, *args, **kwargs)
         else:
             y = type(self.module).forward(self.module, x, *args, **kwargs)
-        weight = None
+        weight, release = None, _no_release
         if self.needs_weight():
-            weight, bias = _layer_weights(self.module, x)
+            weight, bias, release = _layer_weights(self.module, x)
         else:  # output-side families still need the bias: it is not rotated or scaled
             bias = getattr(self.module, "bias", None)
             bias = bias.to(x.dtype) if isinstance(bias, torch.Tensor) and bias.is_floating_point() else None
-        for adapter, strength, offset in self._adapters_on(x.device):
-            if offset is None:
-                y = adapter.bypass(x, y, weight, bias, self.geometry, strength)
-                continue
-            # a slice of a fused layer (Flux qkv / linear1): rows of the output
-            dim, start, length = offset
-            part = y.narrow(-1, start, length)
-            w = None if weight is None else weight.narrow(dim, start, length)
-            b = None if bias is None else bias.narrow(0, start, length)
-            y = y.clone()
-            y.narrow(-1, start, length).copy_(adapter.bypass(x, part, w, b, self.geometry, strength))
+        try:
+            for adapter, strength, offset in self._adapters_on(x.device):
+                if offset is None:
+                    y = adapter.bypass(x, y, weight, bias, self.geometry, strength)
+                    continue
+                # a slice of a fused layer (Flux qkv / linear1): rows of the output
+                dim, start, length = offset
+                part = y.narrow(-1, start, length)
+                w = None if weight is None else weight.narrow(dim, start, length)
+                b = None if bias is None else bias.narrow(0, start, length)
+                y = y.clone()
+                y.narrow(-1, start, length).copy_(adapter.bypass(x, part, w, b, self.geometry, strength))
+        finally:
+            release()
         return y
 
 

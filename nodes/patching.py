@@ -60,7 +60,7 @@ class LoadReport:
                             f"(no factored form: {dense})" if dense else "")
                          + (f"; on quantized weights: {_counts(self.bypassed_quantized)}"
                             if self.bypassed_quantized else ""))
-        lines.extend(self.warnings())
+        lines.extend(self.notes() + self.warnings())
         if self.skipped_text_encoder:
             lines.append(f"skipped: {len(self.skipped_text_encoder)} text-encoder modules (no CLIP input)")
         lines.extend(c.lines())
@@ -74,11 +74,20 @@ class LoadReport:
             shown = ", ".join(self.not_bypassed[:5]) + (", ..." if len(self.not_bypassed) > 5 else "")
             out.append(f"warning: {len(self.not_bypassed)} layers cannot be bypassed (not a Linear/Conv "
                        f"layer, or a norm adapter) and were merged instead: {shown}")
-        if self.merged_quantized:
-            out.append(f"warning: merged into quantized weights ({_counts(self.merged_quantized)}): ComfyUI "
-                       "requantizes each patched weight, so the adapter's change is rounded to that format's "
-                       "step and may be lost; use mode auto or bypass to keep it exact")
+        rounded = {f: n for f, n in self.merged_quantized.items() if not f.startswith("gguf")}
+        if rounded:
+            out.append(f"warning: merged into quantized weights ({_counts(rounded)}): ComfyUI requantizes "
+                       "each patched weight, so the adapter's change is rounded to that format's step and may be "
+                       "lost; use mode auto or bypass to keep it exact")
         return out
+
+    def notes(self) -> list[str]:
+        """Facts about the merge that are not a loss."""
+        gguf = {f: n for f, n in self.merged_quantized.items() if f.startswith("gguf")}
+        if not gguf:
+            return []
+        return [f"merged into GGUF weights ({_counts(gguf)}): ComfyUI-GGUF applies the patch to the dequantised "
+                "weight at every step (exact, with a dense patch per layer per step)"]
 
 
 def _counts(counts: dict) -> str:
