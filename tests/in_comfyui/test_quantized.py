@@ -10,6 +10,8 @@ model without any adapter) is allowed on top of 1e-4.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -61,15 +63,9 @@ class Quantized:
 
 @pytest.fixture(scope="module")
 def formats(recent, pack, tmp_path_factory):
+    """fmt -> Quantized, built once per module."""
     root = tmp_path_factory.mktemp("quantized")
-    cache = {}
-
-    def get(fmt):
-        if fmt not in cache:
-            cache[fmt] = Quantized(root, fmt)
-        return cache[fmt]
-
-    return get
+    return functools.cache(lambda fmt: Quantized(root, fmt))
 
 
 def flux_inputs():
