@@ -132,6 +132,8 @@ class BypassPlan:
         for path, entries in self.layers.items():
             module = comfy.utils.get_attr(patcher.model, path)
             previous = module.__dict__.get("forward")
+            if isinstance(previous, BypassForward):  # another plan still on a shared model: replace it, never stack
+                previous = previous.previous
             module.forward = BypassForward(module, entries, previous, self._moved.setdefault(path, {}))
 
     def eject(self, patcher) -> None:

@@ -205,11 +205,14 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
 def _publish_timestep(patcher) -> None:
     """T-LoRA's rank mask follows the sampling step: wrap the model call so the current timestep
     (the sampler hands ComfyUI a sigma) is published before every step, keeping any wrapper
-    another node installed."""
+    another node installed. The sampling schedule is read from the model being run (a deep clone
+    runs its own), else from the model seen at load."""
     previous = patcher.model_options.get("model_function_wrapper")
-    sampling = patcher.model.model_sampling
+    loaded_sampling = patcher.model.model_sampling
 
     def wrapper(apply_model, args):
+        sampling = getattr(getattr(apply_model, "__self__", None), "model_sampling", None)
+        sampling = loaded_sampling if sampling is None else sampling
         current_timestep.value = float(sampling.timestep(args["timestep"]).reshape(-1)[0])
         if previous is not None:
             return previous(apply_model, args)

@@ -198,3 +198,24 @@ def test_a_deep_clone_runs_its_own_layers(pack, formats):
         with torch.no_grad():
             for bias, value in zip(biases, saved):
                 bias.copy_(value)
+
+
+def test_a_second_patcher_on_the_same_model_replaces_the_first(pack, formats):
+    """Two clones of one model, both injected at once (never stacked twice), then fully undone."""
+    q = formats("fp8_e4m3fn")
+    name, _ = trainer_file(q, "lora")
+    first, _ = load(pack, q.model, name, 1.0, "bypass")
+    second, _ = load(pack, q.model, name, 0.5, "bypass")
+    y_second = run(second)
+    with torch.no_grad():
+        first.patch_model()
+        try:
+            second.patch_model()
+            try:
+                y = second.model.diffusion_model(*flux_inputs()).float()
+            finally:
+                second.unpatch_model()
+        finally:
+            first.unpatch_model()
+    torch.testing.assert_close(y, y_second, rtol=0, atol=0)
+    assert not [n for n, m in q.model.model.diffusion_model.named_modules() if "forward" in m.__dict__]
