@@ -65,6 +65,21 @@ def stored_format(module) -> str | None:
     return None
 
 
+# what a weight keeps when ComfyUI requantizes a merged one (the formats' published layouts)
+_PRECISION = {
+    "float8_e4m3fn": "3 mantissa bits: steps of 6-12 % of each value",
+    "float8_e5m2": "2 mantissa bits: steps of 12-25 % of each value",
+    "int8_tensorwise": "255 levels across the layer's largest value",
+    "mxfp8": "3 mantissa bits, one power-of-two scale per 32 values",
+    "nvfp4": "8 magnitudes (1 mantissa bit), one scale per 16 values",
+}
+
+
+def precision(stored: str) -> str:
+    """In words, the resolution of a stored format (see `stored_format`)."""
+    return _PRECISION.get(stored, "the format's own step")
+
+
 def is_weight_layer(module) -> bool:
     """A Linear- or Conv-like layer whose output is op(x, weight) + bias, which bypass can wrap:
     any op class with `in_features`/`out_features` (Linear) or `kernel_size` (Conv), a weight of

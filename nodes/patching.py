@@ -18,7 +18,7 @@ from ..lycoris_core.algos.tlora import current_timestep
 from ..lycoris_core.matching import Coverage
 from .bypass import add_bypass
 from .key_map import build_key_map, is_text_encoder_module, resolve, target_key
-from .layers import geometry, is_weight_layer, logical_weight_shape, module_of, stored_format
+from .layers import geometry, is_weight_layer, logical_weight_shape, module_of, precision, stored_format
 from .patches import LAZY, diff_patch, embed_slice, lazy_patch
 
 
@@ -76,9 +76,10 @@ class LoadReport:
                        f"layer, or a norm adapter) and were merged instead: {shown}")
         rounded = {f: n for f, n in self.merged_quantized.items() if not f.startswith("gguf")}
         if rounded:
+            kept = "; ".join(f"{f} keeps {precision(f)}" for f in sorted(rounded))
             out.append(f"warning: merged into quantized weights ({_counts(rounded)}): ComfyUI requantizes "
-                       "each patched weight, so the adapter's change is rounded to that format's step and may be "
-                       "lost; use mode auto or bypass to keep it exact")
+                       f"each patched weight ({kept}), so a change smaller than a step is lost; use mode auto "
+                       "or bypass to keep it exact")
         return out
 
     def notes(self) -> list[str]:

@@ -171,3 +171,19 @@ def test_a_layer_bypass_cannot_serve_is_reported_not_silently_merged(pack, tmp_p
     assert "bypass: 1 layers run the adapter beside the layer" in report, report
     assert "warning: 1 layers cannot be bypassed" in report and "input_blocks.1.1.norm.weight" in report, report
     assert "diffusion_model.input_blocks.1.1.norm.weight" in patched.patches  # merged, as the report says
+
+
+def test_auto_on_a_float_model_is_merge(pack, tmp_path):
+    """Nothing is quantized: auto hands ComfyUI the same weight patches as merge, and no bypass."""
+    _loras(tmp_path)
+    model = tiny_sd15()
+    lycoris_file(model.model.diffusion_model, tmp_path / "lora.safetensors", "lora_unet_", "lora",
+                 conv_dim=4, conv_alpha=2)
+    node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
+    auto, report = node.load(model, "lora.safetensors", 1.0, "auto")["result"]
+    merged, _ = node.load(model, "lora.safetensors", 1.0, "merge")["result"]
+    from lycoris_pack.nodes.bypass import bypassed_layers
+
+    assert not bypassed_layers(auto) and "bypass:" not in report and "warning" not in report, report
+    assert auto.patches.keys() == merged.patches.keys() and auto.patches
+    assert torch.equal(_run(auto), _run(merged))
