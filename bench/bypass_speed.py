@@ -1,17 +1,24 @@
-"""Bypass forward cost: a layer with the adapter in its forward vs the same layer with the
-adapter merged into its weight, side by side in one process.
+"""Bypass forward cost per algorithm: a layer running its adapter beside it vs the same layer's
+plain forward, side by side in one process (target: ratio <= 1.10 at rank 16).
 
-SDXL-shaped Linear layers with the token batches of a 1024x1024 SDXL step with CFG (batch 2):
-4096 tokens at 640 channels, 1024 tokens at 1280 channels, and the feed-forward projections.
-Adapters: rank-16 LoRA and a LoKr (factor 8, rank 16). Prints median times and the ratio
-bypass / merged (target <= 1.10 for LoRA).
+The plain forward is what a quantized layer does: dequantise the stored weight (fp32, or fp8
+e4m3 stored) and matmul. The bypassed forward does what nodes/bypass.py does each step: read the
+weight only when an adapter asks for it on this call (DoRA reads it once, then keeps its
+per-channel scale), run input-side transforms, the base forward, then the adapter.
 
-    .venv/bin/python bench/bypass_speed.py [--repeats 7] [--threads 2]
+Layers: SDXL-shaped (attention 640/1280, cross-attention k/v from the 2048-wide context,
+feed-forward 5120x1280) and Flux-shaped (3072x3072, 12288x3072), with the tokens of one
+1024x1024 step (SDXL: 4096 / 1024 tokens per image, context 77 x 2; Flux: 4096). Adapters at
+rank 16 (LoHa: r1 = r2 = 16, i.e. an effective rank of 256; OFT/BOFT: blocks of ~16).
+
+    .venv/bin/python bench/bypass_speed.py [--repeats 5] [--threads 2] [--tokens-scale 0.25]
+        [--algos lora,loha] [--layers sdxl|flux|all] [--device cpu] [--dtypes fp32,fp8]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -22,64 +29,168 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from lycoris_core import LayerGeometry, decode_tensors  # noqa: E402
+from lycoris_core import LayerGeometry  # noqa: E402
+from lycoris_core.algos import BOFT, IA3, DecodeContext, DiagOFT, GLoRA, LoHa, LoKr, LoRA, PeftBOFT, PeftOFT  # noqa: E402
+from lycoris_core.algos.base import chain_inputs, plan_bypass, weight_token  # noqa: E402
 
-LAYERS = [  # (name, out, in, tokens)
-    ("attn 640", 640, 640, 4096),
-    ("ff.proj 640", 5120, 640, 4096),
-    ("attn 1280", 1280, 1280, 1024),
-    ("ff.proj 1280", 10240, 1280, 1024),
-    ("ff.out 1280", 1280, 5120, 1024),
-]
-
-
-def adapter(algo: str, out: int, inp: int, generator):
-    r = lambda *s: torch.randn(*s, generator=generator) * 0.01  # noqa: E731
-    if algo == "lora":
-        tensors = {"m.lora_up.weight": r(out, 16), "m.lora_down.weight": r(16, inp), "m.alpha": torch.tensor(8.0)}
-    else:
-        a, c = 8, 8
-        tensors = {"m.lokr_w1": r(a, c), "m.lokr_w2_a": r(out // a, 16), "m.lokr_w2_b": r(16, inp // c),
-                   "m.alpha": torch.tensor(8.0)}
-    return decode_tensors(tensors).adapters["m"]
+RANK = 16
+LAYERS = {  # name: (out, in, tokens)
+    "sdxl": [
+        ("attn 640", 640, 640, 4096),
+        ("attn 1280", 1280, 1280, 1024),
+        ("ctx k/v 2048>1280", 1280, 2048, 154),
+        ("ff 5120x1280", 5120, 1280, 1024),
+        ("ff.out 1280x5120", 1280, 5120, 1024),
+    ],
+    "flux": [
+        ("flux 3072", 3072, 3072, 4096),
+        ("flux 12288x3072", 12288, 3072, 4096),
+    ],
+}
 
 
-def median_time(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _butterfly_block(channels: int) -> int:
+    """The smallest even block >= 16 whose block count is a power of two (butterfly stages)."""
+    for size in range(16, channels + 1, 2):
+        groups = channels // size
+        if channels % size == 0 and groups & (groups - 1) == 0:
+            return size
+    return channels
+
+
+def make_adapter(algo: str, out: int, inp: int, g: torch.Generator):
+    r = lambda *s: torch.randn(*s, generator=g) * 0.02  # noqa: E731
+    alpha = {"alpha": torch.tensor(8.0)}
+    lycoris = DecodeContext()
+    if algo in ("lora", "dora"):
+        tensors = {"lora_up.weight": r(out, RANK), "lora_down.weight": r(RANK, inp), **alpha}
+        if algo == "dora":
+            tensors["dora_scale"] = 1 + r(out, 1)
+        return LoRA("m", tensors, lycoris)
+    if algo == "lokr":
+        return LoKr("m", {"lokr_w1": r(8, 8), "lokr_w2_a": r(out // 8, RANK), "lokr_w2_b": r(RANK, inp // 8),
+                          **alpha}, lycoris)
+    if algo == "loha":
+        return LoHa("m", {"hada_w1_a": r(out, RANK), "hada_w1_b": r(RANK, inp), "hada_w2_a": r(out, RANK),
+                          "hada_w2_b": r(RANK, inp), **alpha}, lycoris)
+    if algo == "glora":
+        return GLoRA("m", {"a2.weight": r(RANK, inp), "a1.weight": r(inp, RANK), "b2.weight": r(RANK, inp),
+                           "b1.weight": r(out, RANK), **alpha}, lycoris)
+    if algo == "ia3":
+        return IA3("m", {"weight": r(out), "on_input": torch.tensor([False])}, lycoris)
+    if algo == "oft":
+        return DiagOFT("m", {"oft_blocks": r(out // RANK, RANK, RANK)}, lycoris)
+    if algo == "boft":
+        size = _butterfly_block(out)
+        groups = out // size
+        return BOFT("m", {"oft_blocks": r(int(math.log2(groups)) + 1, groups, size, size)}, lycoris)
+    if algo == "peft-oft":
+        return PeftOFT("m", {"oft_R.weight": r(inp // RANK, RANK * (RANK - 1) // 2)},
+                       DecodeContext(convention="peft", peft_config={"use_cayley_neumann": True}))
+    if algo == "peft-boft":
+        size = _butterfly_block(inp)
+        # one butterfly factor: what PEFT trains without its CUDA extension (and its default)
+        return PeftBOFT("m", {"boft_R": r(1, inp // size, size, size), "boft_s": 1 + r(out, 1)},
+                        DecodeContext(convention="peft"))
+    raise ValueError(algo)
+
+
+ALGOS = ("lora", "lokr", "loha", "oft", "boft", "peft-oft", "peft-boft", "dora", "glora", "ia3")
+
+
+class Layer:
+    """A Linear whose weight is stored as `dtype` and dequantised on every forward."""
+
+    def __init__(self, weight, bias, dtype):
+        self.stored = weight.to(dtype)
+        self.bias = bias
+
+    def dequantised(self, x):
+        return self.stored.to(x.dtype)
+
+    def forward(self, x):
+        return F.linear(x, self.dequantised(x), self.bias)
+
+    def bypassed(self, x, adapter, strength, geometry):
+        """nodes/bypass.py's BypassForward.__call__ for one adapter."""
+        token = weight_token(self.stored)
+        steps, needs = plan_bypass([(adapter, strength, True)], geometry, token)
+        weight = self.dequantised(x) if needs else None
+        inputs = chain_inputs(x, steps, weight, geometry, token)
+        y = self.forward(inputs[0])
+        side = steps[0][2]
+        return adapter.bypass(inputs[1], y, weight, self.bias, geometry, strength, token=token, input_applied=side)
+
+
+def timed(fns, repeats):
+    """Best-of-repeats seconds of each function (the least disturbed run on a shared machine),
+    measured interleaved so load drifts hit all alike."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[i].append(time.perf_counter() - start)
+    return [min(t) for t in times]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens-scale", type=float, default=1.0, help="scale every layer's token count")
+    parser.add_argument("--algos", default=",".join(ALGOS))
+    parser.add_argument("--layers", default="all", choices=["sdxl", "flux", "all"])
+    parser.add_argument("--dtypes", default="fp32,fp8")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
+    device = torch.device(args.device)
+    algos = args.algos.split(",")
+    layers = LAYERS["sdxl"] + LAYERS["flux"] if args.layers == "all" else LAYERS[args.layers]
+    stored = {"fp32": torch.float32, "fp8": torch.float8_e4m3fn}
     geometry = LayerGeometry()
-    print(f"{'layer':14s} {'algo':5s} {'merged ms':>10s} {'bypass ms':>10s} {'ratio':>7s}")
-    totals = {"lora": [0.0, 0.0], "lokr": [0.0, 0.0]}
-    for name, out, inp, tokens in LAYERS:
+    g = torch.Generator().manual_seed(0)
+    print(f"device {device}, {torch.get_num_threads()} threads, tokens x{args.tokens_scale}, rank {RANK}, "
+          f"ratio = bypassed forward / plain forward (dequantise + matmul)")
+    header = f"{'layer':18s} {'tokens':>6s} {'weight':6s} {'plain ms':>9s} " + " ".join(f"{a:>9s}" for a in algos)
+    print(header)
+    ratios = {(a, d): [] for a in algos for d in args.dtypes.split(",")}
+    for name, out, inp, tokens in layers:
+        tokens = max(1, int(tokens * args.tokens_scale))
         weight = torch.randn(out, inp, generator=g) * 0.02
-        bias = torch.zeros(out)
-        x = torch.randn(2, tokens, inp, generator=g)
-        for algo in ("lora", "lokr"):
-            a = adapter(algo, out, inp, g)
-            merged_weight, _ = a.patch(weight, 1.0)
+        bias = (torch.randn(out, generator=g) * 0.1).to(device)
+        x = torch.randn(tokens, inp, generator=g).to(device)
+        adapters = {a: make_adapter(a, out, inp, g).moved(device) for a in algos}
+        for dtype_name in args.dtypes.split(","):
+            layer = Layer(weight.to(device), bias, stored[dtype_name])
             with torch.no_grad():
-                merged = median_time(lambda: F.linear(x, merged_weight, bias), args.repeats)
-                bypass = median_time(lambda: a.bypass(x, F.linear(x, weight, bias), None, bias, geometry, 1.0),
-                                     args.repeats)
-            totals[algo][0] += merged
-            totals[algo][1] += bypass
-            print(f"{name:14s} {algo:5s} {merged * 1e3:10.2f} {bypass * 1e3:10.2f} {bypass / merged:6.3f}x")
-    for algo, (merged, bypass) in totals.items():
-        print(f"all layers     {algo:5s} {merged * 1e3:10.2f} {bypass * 1e3:10.2f} {bypass / merged:6.3f}x")
+                fns = [lambda: layer.forward(x)] + [
+                    (lambda a=a: layer.bypassed(x, adapters[a], 1.0, geometry)) for a in algos]
+                plain, *bypass = timed(fns, args.repeats)
+            cells = []
+            for a, t in zip(algos, bypass):
+                ratios[(a, dtype_name)].append(t / plain)
+                cells.append(f"{t / plain:8.3f}x")
+            print(f"{name:18s} {tokens:6d} {dtype_name:6s} {plain * 1e3:9.2f} " + " ".join(cells), flush=True)
+    print("\ngeometric mean over layers")
+    for dtype_name in args.dtypes.split(","):
+        cells = [f"{math.exp(statistics.mean(map(math.log, ratios[(a, dtype_name)]))):8.3f}x" for a in algos]
+        print(f"{'all':18s} {'':6s} {dtype_name:6s} {'':9s} " + " ".join(cells))
+    print(f"\nLoHa at rank {RANK} (r1 = r2): the rank-{RANK * RANK} product form or the dense delta built once, "
+          "whichever has fewer multiply-adds per token; extra memory kept per layer (fp32):")
+    for name, out, inp, _ in layers:
+        loha = make_adapter("loha", out, inp, g)
+        if loha.product_factors_cheaper(geometry, (out, inp)):
+            form, values = "product", RANK * RANK * (out + inp)
+        else:
+            form, values = "dense delta", out * inp
+        floor = 1 + min(RANK * RANK * (out + inp), out * inp) / (out * inp)
+        print(f"  {name:18s} {form:12s} {values * 4 / 2**20:7.2f} MiB  FLOP floor {floor:.3f}x")
 
 
 if __name__ == "__main__":

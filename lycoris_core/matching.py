@@ -1,7 +1,8 @@
 """Map adapter modules onto a model's layers and report the coverage of every load.
 
 Outside ComfyUI (command line, generic state dicts) a module name matches a layer `X.weight`
-when both are equal in underscore form after stripping the known dialect prefixes. ComfyUI's own
+when both are equal in underscore form after stripping the known dialect prefixes, or when the
+pack's name tables give the layer of a diffusers name (whole weights only: no fused-row slices here). ComfyUI's own
 key maps are used by `nodes/` instead; both produce the same `Coverage`.
 """
 
@@ -10,17 +11,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .keys import underscore_form
+from .name_tables import whole_weight_targets
 
 
 @dataclass
 class Coverage:
-    """What one adapter file did to one model."""
+    """What one adapter file did to one model. Every module not applied is in exactly one group,
+    by cause: no such layer (`unmatched`), bad shape (`problems`), a second module for a layer or
+    rows another module already patches (`duplicates`), or keys no algorithm reads (`unknown_keys`)."""
 
     source: str
     matched: dict[str, str] = field(default_factory=dict)  # module name -> model layer (weight key)
     unmatched: list[str] = field(default_factory=list)  # module names with no layer in the model
     unknown_keys: list[str] = field(default_factory=list)  # file keys no algorithm understood
     problems: list[str] = field(default_factory=list)  # modules left out (bad shapes), one line each
+    duplicates: list[str] = field(default_factory=list)  # "module: ... (applied: other)", one line each
     model_layers: int = 0  # adaptable layers in the model
 
     @property
@@ -29,22 +34,54 @@ class Coverage:
 
     @property
     def complete(self) -> bool:
-        return not (self.unmatched or self.unknown_keys or self.problems)
+        return not (self.unmatched or self.unknown_keys or self.problems or self.duplicates)
 
-    def lines(self, limit: int = 20) -> list[str]:
-        total = len(self.matched) + len(self.unmatched) + len(self.problems)
+    def lines(self, limit: int = 5) -> list[str]:
+        """A summary line, then each group of what did not land with its first `limit` entries."""
+        total = len(self.matched) + len(self.unmatched) + len(self.problems) + len(self.duplicates)
         out = [
             f"{self.source}: {len(self.matched)}/{total} modules matched, "
             f"{len(self.unmatched)} unmatched, {len(self.unknown_keys)} keys not understood, "
-            f"{len(self.problems)} modules with errors; {self.untouched} of {self.model_layers} model layers untouched"
+            f"{len(self.problems)} modules with errors, {len(self.duplicates)} duplicates; "
+            f"{self.untouched} of {self.model_layers} model layers untouched"
         ]
-        for title, items in (("unmatched", self.unmatched), ("not understood", self.unknown_keys),
-                             ("error", self.problems)):
-            for item in items[:limit]:
-                out.append(f"  {title}: {item}")
-            if len(items) > limit:
-                out.append(f"  ... {len(items) - limit} more {title}")
+        for title, items in (("no such layer in the model", self.unmatched),
+                             ("shape or tensors do not fit", self.problems),
+                             ("duplicate: a layer or rows another module already patches", self.duplicates),
+                             ("keys not understood", self.unknown_keys)):
+            if items:
+                out.append(f"  {title} ({len(items)}):")
+                out.extend(f"    {item}" for item in items[:limit])
+                if len(items) > limit:
+                    out.append(f"    ... {len(items) - limit} more")
         return out
+
+
+class TargetClaims:
+    """Which module patches which rows of which weight, so a second module for the same layer
+    (two dialects of one name, a fused weight and one of its slices) is reported, not applied twice."""
+
+    def __init__(self):
+        self._claims: dict[str, list[tuple[int, int | None, str]]] = {}
+
+    def conflict(self, key: str, rows: tuple[int, int] | None = None) -> str | None:
+        """The module already patching `key` at rows `(start, length)` (None: all), if any."""
+        start, end = (0, None) if rows is None else (rows[0], rows[0] + rows[1])
+        for other_start, other_end, other in self._claims.get(key, ()):
+            if (end is None or other_start < end) and (other_end is None or start < other_end):
+                return other
+        return None
+
+    def add(self, module: str, key: str, rows: tuple[int, int] | None = None) -> None:
+        start, end = (0, None) if rows is None else (rows[0], rows[0] + rows[1])
+        self._claims.setdefault(key, []).append((start, end, module))
+
+    def claim(self, module: str, key: str, rows: tuple[int, int] | None = None) -> str | None:
+        """`conflict`, and when there is none, `add`."""
+        other = self.conflict(key, rows)
+        if other is None:
+            self.add(module, key, rows)
+        return other
 
 
 def layer_index(model_keys) -> dict[str, str]:
@@ -59,26 +96,32 @@ def layer_index(model_keys) -> dict[str, str]:
     return index
 
 
+def duplicate_line(module: str, key: str, applied: str, rows=None) -> str:
+    where = key if rows is None else f"{key} rows {rows[0]}:{rows[0] + rows[1]}"
+    return f"{module}: {where} is already patched by {applied} (applied); this one left out"
+
+
 def match_generic(adapter_file, model_keys) -> Coverage:
     """Coverage of `adapter_file` on a generic state dict with keys `model_keys`."""
     keys = list(model_keys)
     index = layer_index(keys)
+    # diffusers names of architectures whose checkpoints name layers otherwise (name_tables)
+    for name, key in whole_weight_targets(keys).items():
+        index.setdefault(name.replace(".", "_"), key)
     coverage = Coverage(
         source=adapter_file.name,
         unknown_keys=list(adapter_file.unknown_keys),
         problems=list(adapter_file.problems),
         model_layers=sum(1 for k in keys if k.endswith(".weight")),
     )
-    claimed: dict[str, str] = {}
+    claims = TargetClaims()
     for module in adapter_file.adapters:
         target = index.get(underscore_form(module)) or index.get(module.replace(".", "_"))
         if target is None:
             coverage.unmatched.append(module)
-        elif target in claimed:
+        elif (applied := claims.claim(module, target)) is not None:
             # e.g. lora_te1_X and lora_te2_X on a generic dict holding one X: refuse to guess
-            coverage.problems.append(
-                f"{adapter_file.path}: {module}: matches {target}, which {claimed[target]} already patches; left out")
+            coverage.duplicates.append(duplicate_line(module, target, applied))
         else:
-            claimed[target] = module
             coverage.matched[module] = target
     return coverage

@@ -56,6 +56,36 @@ def network_args(metadata: dict) -> dict:
     return args if isinstance(args, dict) else {}
 
 
+def trainer_notes(metadata: dict, peft_config: dict | None = None) -> list[str]:
+    """What the trainer recorded that changes how the file reads, one line each: SimpleTuner's
+    `lycoris_config` (algorithm, factor, dims) and `trained_words`, the PEFT rank and alpha read from
+    `lora_adapter_metadata` (diffusers scripts write no `.alpha` tensor)."""
+    notes = []
+    config = _json_object(metadata.get("lycoris_config"))
+    if config:
+        shown = ("algo", "factor", "linear_dim", "linear_alpha", "conv_dim", "conv_alpha", "full_matrix",
+                 "bypass_mode", "apply_preset")
+        notes.append("LyCORIS config: " + ", ".join(f"{k}={json.dumps(config[k])}" for k in shown if k in config))
+    words = metadata.get("trained_words")
+    if isinstance(words, str) and words.strip():
+        notes.append("trained words: " + ", ".join(w.strip() for w in words.split(",") if w.strip()))
+    if peft_config is not None and "lora_adapter_metadata" in metadata:
+        notes.append(f"PEFT config from lora_adapter_metadata: r={peft_config.get('r')}, "
+                     f"lora_alpha={peft_config.get('lora_alpha')}"
+                     + (", rslora" if peft_config.get("use_rslora") else ""))
+    return notes
+
+
+def _json_object(raw) -> dict:
+    if not isinstance(raw, str) or not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _group(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
     suffixes = known_suffixes()
     modules: dict[str, dict[str, torch.Tensor]] = {}

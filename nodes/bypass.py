@@ -16,6 +16,7 @@ from __future__ import annotations
 import comfy.utils
 import torch
 
+from ..lycoris_core.algos.base import chain_inputs, plan_bypass, weight_token
 from .layers import geometry, is_quantized_tensor
 
 try:
@@ -84,24 +85,24 @@ class BypassForward:
             self._moved[device] = moved
         return moved
 
-    def needs_weight(self) -> bool:
-        return any(adapter.bypass_needs_weight() for adapter, _, _ in self.entries)
-
     def __call__(self, x, *args, **kwargs):
-        if self.previous is not None:
-            y = self.previous(x, *args, **kwargs)
-        else:
-            y = type(self.module).forward(self.module, x, *args, **kwargs)
+        entries = self._adapters_on(x.device)
+        token = _stored_weight_token(self.module)
+        # input-side transforms (rotations, scales, GLoRA's x + a(x)) run before the base forward
+        steps, needs_weight = plan_bypass([(a, m, offset is None) for a, m, offset in entries], self.geometry, token)
         weight, release = None, _no_release
-        if self.needs_weight():
+        if needs_weight:
             weight, bias, release = _layer_weights(self.module, x)
         else:  # output-side families still need the bias: it is not rotated or scaled
             bias = getattr(self.module, "bias", None)
             bias = bias.to(x.dtype) if isinstance(bias, torch.Tensor) and bias.is_floating_point() else None
         try:
-            for adapter, strength, offset in self._adapters_on(x.device):
+            inputs = chain_inputs(x, steps, weight, self.geometry, token)
+            base_forward = self.previous if self.previous is not None else type(self.module).forward.__get__(self.module)
+            y = base_forward(inputs[0], *args, **kwargs)
+            for (adapter, strength, offset), (_, _, side), x_k in zip(entries, steps, inputs[1:]):
                 if offset is None:
-                    y = adapter.bypass(x, y, weight, bias, self.geometry, strength)
+                    y = adapter.bypass(x_k, y, weight, bias, self.geometry, strength, token=token, input_applied=side)
                     continue
                 # a slice of a fused layer (Flux qkv / linear1): rows of the output
                 dim, start, length = offset
@@ -109,10 +110,20 @@ class BypassForward:
                 w = None if weight is None else weight.narrow(dim, start, length)
                 b = None if bias is None else bias.narrow(0, start, length)
                 y = y.clone()
-                y.narrow(-1, start, length).copy_(adapter.bypass(x, part, w, b, self.geometry, strength))
+                y.narrow(-1, start, length).copy_(adapter.bypass(x_k, part, w, b, self.geometry, strength, token=token))
         finally:
             release()
         return y
+
+
+def _stored_weight_token(module):
+    """Identity and version of the layer's stored weight, so adapters can keep what depends on W
+    (DoRA's norms) until it changes; None where the layer has no plain tensor to key on."""
+    weight = getattr(module, "weight", None)
+    try:
+        return weight_token(weight) if isinstance(weight, torch.Tensor) else None
+    except Exception:  # noqa: BLE001 - tensor subclasses without storage: no caching
+        return None
 
 
 class BypassPlan:

@@ -4,7 +4,8 @@ Starts from ComfyUI's own maps (`comfy.lora.model_lora_keys_unet` / `model_lora_
 every architecture the runtime knows is covered, and adds the dialects those maps miss: the
 same names under another trainer's prefix, and the model's own keys in underscore form. A
 target is a weight key, or `(key, (dim, start, length))` for a slice of a fused weight (Flux
-`qkv`, `linear1`).
+`qkv`, `linear1`). Where the runtime has no diffusers names for an architecture, the pack's own
+tables (`lycoris_core.name_tables`) add them, never replacing an entry ComfyUI has.
 """
 
 from __future__ import annotations
@@ -12,10 +13,16 @@ from __future__ import annotations
 import comfy.lora
 
 from ..lycoris_core.keys import DIALECT_PREFIXES, strip_dialect_prefix
+from ..lycoris_core.name_tables import diffusers_targets
 
 # Trainers that name the same module under different prefixes; ComfyUI maps some of them only.
 _EQUIVALENT_PREFIXES = ("lora_unet_", "lycoris_", "lora_transformer_", "lora_te_", "lora_te1_", "oft_unet_")
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te1", "te2", "clip_", "t5xxl")
+# How trainers write a diffusers module path: dotted (diffusers/PEFT/ai-toolkit/OneTrainer
+# diffusers format, DiffSynth raw), or dots as underscores (SimpleTuner/LyCORIS, OneTrainer legacy,
+# kohya-style trainers on diffusers models such as musubi's FramePack).
+_DIFFUSERS_DOTTED = ("", "transformer.", "diffusion_model.", "base_model.model.")
+_DIFFUSERS_FLAT = ("lycoris_", "lora_transformer_", "lora_unet_")
 
 
 def build_key_map(model=None, clip=None) -> dict:
@@ -23,10 +30,24 @@ def build_key_map(model=None, clip=None) -> dict:
     key_map: dict = {}
     if model is not None:
         key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)
+        _add_name_tables(key_map, model.model)
     if clip is not None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
     _add_underscore_forms(key_map)
     return key_map
+
+
+def _add_name_tables(key_map: dict, base_model) -> None:
+    """The pack's diffusers tables for this model, under every trainer's prefix, where ComfyUI's
+    own map has no entry (added before the underscore forms: a diffusers name must not lose to
+    an original name that reads the same, e.g. Wan's `norm2`, which diffusers calls `norm3`)."""
+    shapes = {key: tuple(value.shape) for key, value in base_model.state_dict().items()}
+    for name, target in diffusers_targets(shapes).items():
+        flat = name.replace(".", "_")
+        for prefix in _DIFFUSERS_DOTTED:
+            key_map.setdefault(prefix + name, target)
+        for prefix in _DIFFUSERS_FLAT:
+            key_map.setdefault(prefix + flat, target)
 
 
 def _add_underscore_forms(key_map: dict) -> None:

@@ -38,6 +38,7 @@ def load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mod
             block_weight=None if blocks is None else blocks.weight_for_key)
     except (AdapterFormatError, BlockWeightError) as error:
         raise ValueError(f"Load LyCORIS: {error}") from None
+    _attach_metadata(new_model, new_clip, adapter_file.metadata)
     strengths = f"mode {mode}, strength_model {strength_model:g}" + (
         f", strength_clip {strength_clip:g}" if clip is not None else "")
     text = report.text(adapter_file, strengths)
@@ -46,6 +47,17 @@ def load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mod
         text += "".join(f"\n  warning: {w}" for w in blocks.warnings)
     print(text)
     return new_model, new_clip, text
+
+
+def _attach_metadata(model, clip, metadata: dict) -> None:
+    """Attach the file's safetensors metadata as ComfyUI's own LoraLoader does (0.28: the
+    "lora_metadata" attachment, which e.g. LTXV's IC-LoRA parameters node reads). Runtimes
+    without attachments have no reader for it either."""
+    if not metadata:
+        return
+    for patcher in (model, getattr(clip, "patcher", None)):
+        if patcher is not None and hasattr(patcher, "set_attachments"):
+            patcher.set_attachments("lora_metadata", metadata)
 
 
 class LycorisLoader:

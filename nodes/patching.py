@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from ..lycoris_core import AdapterFormatError
 from ..lycoris_core.algos.tlora import current_timestep
-from ..lycoris_core.matching import Coverage
+from ..lycoris_core.matching import Coverage, TargetClaims, duplicate_line
+from ..lycoris_core.reader import trainer_notes
 from .bypass import add_bypass
 from .key_map import build_key_map, is_text_encoder_module, resolve, target_key
 from .layers import geometry, is_weight_layer, logical_weight_shape, module_of, precision, stored_format
@@ -50,6 +51,7 @@ class LoadReport:
             "algorithms: " + ", ".join(f"{k} x{v}" for k, v in adapter_file.algorithms().items())
             + "; ranks: " + (", ".join(map(str, adapter_file.ranks())) or "-"),
         ]
+        lines.extend(trainer_notes(adapter_file.metadata, adapter_file.context.peft_config))
         on_model = sum(1 for v in self.targets.values() if v == "model")
         on_clip = sum(1 for v in self.targets.values() if v == "clip")
         lines.append(f"patched: {on_model} model layers, {on_clip} text-encoder layers")
@@ -73,7 +75,7 @@ class LoadReport:
         if self.not_bypassed:
             shown = ", ".join(self.not_bypassed[:5]) + (", ..." if len(self.not_bypassed) > 5 else "")
             out.append(f"warning: {len(self.not_bypassed)} layers cannot be bypassed (not a Linear/Conv "
-                       f"layer, or a norm adapter) and were merged instead: {shown}")
+                       f"layer, a norm adapter, or rows ComfyUI reorders) and were merged instead: {shown}")
         rounded = {f: n for f, n in self.merged_quantized.items() if not f.startswith("gguf")}
         if rounded:
             kept = "; ".join(f"{f} keeps {precision(f)}" for f in sorted(rounded))
@@ -127,6 +129,7 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
     patches: dict[str, dict[float, dict]] = {"model": {}, "clip": {}}
     bypassed: dict[str, list] = {"model": [], "clip": []}  # (module path, adapter, strength, offset)
     roots = {side: _patcher(owner).model for side, owner in (("model", model), ("clip", clip)) if owner is not None}
+    claims = TargetClaims()
 
     for module, adapter in adapter_file.adapters.items():
         target = resolve(module, key_map)
@@ -145,6 +148,14 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
             strength *= block_weight(key)
             active = active and strength != 0
         offset = None if isinstance(target, str) else target[1]
+        # ComfyUI's own maps reorder some rows with a function (Flux/SD3 `norm_out.linear`: scale and
+        # shift swapped); only its weight patches apply that, so such a layer is merged, never bypassed.
+        reorder = target[2] if isinstance(target, tuple) and len(target) > 2 else None
+        rows = (offset[1], offset[2]) if offset is not None and offset[0] == 0 else None
+        applied = claims.conflict(key, rows)
+        if applied is not None:
+            coverage.duplicates.append(duplicate_line(module, key, applied, rows))
+            continue
         try:
             layer = module_of(roots[side], key) if key.endswith(".weight") else None
             shape = list(logical_weight_shape(layer) or weights[key].shape)
@@ -153,7 +164,7 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
             adapter.check_weight(tuple(shape))
             quantized = stored_format(layer) if layer is not None else None
             wants_bypass = active and (mode == "bypass" or (mode == "auto" and quantized is not None))
-            if wants_bypass and _bypassable(layer, adapter):
+            if wants_bypass and reorder is None and _bypassable(layer, adapter):
                 bypassed[side].append((key[: -len(".weight")], adapter, strength, offset))
                 report.count_bypass(adapter, geometry(layer), quantized)
             elif active:
@@ -167,7 +178,8 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
                 if adapter.changes_bias() and bias_key in weights:
                     bias_offset = None if offset is None else (0, offset[1], offset[2])
                     bias_base = weights[bias_key] if offset is None else weights[bias_key].narrow(*bias_offset)
-                    bias_target = bias_key if offset is None else (bias_key, bias_offset)
+                    bias_target = (bias_key if offset is None and reorder is None
+                                   else (bias_key, bias_offset) + ((reorder,) if reorder else ()))
                     _add(patches[side], adapter, bias_target, bias_key, bias_offset, bias_base, weights, strength,
                          bias=True)
         except AdapterFormatError as error:
@@ -176,6 +188,7 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
         except (RuntimeError, ValueError, IndexError) as error:  # e.g. a slice the layer does not have
             coverage.problems.append(str(adapter.error(f"cannot patch {key} at {offset}: {error}")))
             continue
+        claims.add(module, key, rows)
         coverage.matched[module] = key
         report.targets[module] = side
 

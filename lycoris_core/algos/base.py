@@ -258,63 +258,216 @@ class Adapter:
         return False
 
     # -- bypass -----------------------------------------------------------------------------
+    # A layer runs its adapters as y' = g(f(T(x)) + h(x)): T an input-side transform the caller
+    # applies before the base forward f (rotations, scales, GLoRA's x + a(x)), h an additive
+    # factored term, g an output-side map (rotations, DoRA's per-channel scale). Whatever depends
+    # only on W (DoRA's norms) or only on the factors (rotations, dense fallbacks) is computed once
+    # per adapter copy (bypass keeps one copy per device) and reused while the weight's token holds.
+
     def moved(self, device) -> "Adapter":
         """A copy whose tensors live on `device` in fp32 (bypass moves them once per device)."""
         clone = copy.copy(self)
         clone.tensors = {k: v.to(device=device, dtype=COMPUTE_DTYPE) if v.is_floating_point() else v.to(device)
                          for k, v in self.tensors.items()}
+        clone._bypass_cache = {}
         return clone
 
-    def bypass_needs_weight(self) -> bool:
-        """Whether `bypass` reads the layer's weight (DoRA norms, deltas built from W,
-        multiplicative families without their own output-side form)."""
-        return self.delta_uses_weight or not self.additive or self.has_dora
+    def cached(self, slot: str, key, build):
+        """`build()` computed once per `key` and kept in one `slot` of this copy (a new key replaces it)."""
+        store = self.__dict__.setdefault("_bypass_cache", {})
+        hit = store.get(slot)
+        if hit is None or hit[0] != key:
+            hit = store[slot] = (key, build())
+        return hit[1]
+
+    def is_cached(self, slot: str, key) -> bool:
+        hit = self.__dict__.get("_bypass_cache", {}).get(slot)
+        return hit is not None and hit[0] == key
+
+    def bypass_input_side(self, geometry: LayerGeometry, strength: float = 1.0) -> bool:
+        """Whether the factored bypass transforms the layer's input (`bypass_input`) before the base
+        forward. Callers that cannot re-run the base forward on it call `bypass` alone."""
+        return self.dora_on_input and not self.delta_uses_weight
+
+    def bypass_input(self, x, weight, geometry: LayerGeometry, strength: float = 1.0, *, token=None):
+        """T(x) for the base forward (identity unless `bypass_input_side`)."""
+        if self.bypass_input_side(geometry, strength):
+            scale = self.dora_scale(weight, geometry, strength, token)
+            return x * channel_view(scale.to(x.dtype), x, geometry.linear)
+        return x
+
+    def bypass_needs_weight(self, geometry: LayerGeometry | None = None, *, token=None,
+                            input_applied: bool = False, strength: float = 1.0) -> bool:
+        """Whether this call must be given the layer's (dequantised) weight: deltas built from W,
+        DoRA norms not yet cached for `token` and `strength`, families that re-run the layer
+        without `input_applied`, multiplicative families without their own output-side form."""
+        if self.delta_uses_weight or not self.additive:
+            return True
+        if self.has_dora:
+            if self.dora_on_input and not input_applied:
+                return True
+            return token is None or not self.is_cached("dora", token) or strength not in self.cached("dora", token, dict)
+        return False
 
     def bypass_is_dense(self, geometry: LayerGeometry | None = None) -> bool:
-        """Whether bypass builds a full-size weight or delta every step (no factored form)."""
-        own = type(self).bypass is not Adapter.bypass
-        return not own or self.has_dora or (geometry is not None and not geometry.linear and self.algo == "lokr")
+        """Whether bypass builds a full-size weight or delta (no factored form)."""
+        return type(self).bypass is Adapter.bypass and not self.additive
 
     @property
     def has_dora(self) -> bool:
         return "dora_scale" in self.tensors or "lora_magnitude_vector" in self.tensors
 
-    def bypass(self, x, y, weight, bias, geometry: LayerGeometry, strength: float = 1.0):
+    @property
+    def has_peft_dora(self) -> bool:
+        return "lora_magnitude_vector" in self.tensors
+
+    @property
+    def dora_on_input(self) -> bool:
+        """LyCORIS `dora_scale` of shape (1, I, ...): the norm and scale run over input columns."""
+        magnitude = self.tensors.get("dora_scale")
+        return magnitude is not None and magnitude.dim() >= 2 and magnitude.shape[0] == 1 and magnitude.numel() > 1
+
+    def layer_shape(self, weight, geometry: LayerGeometry) -> tuple:
+        """The layer's weight shape, from `weight` or else from the factors and the layer's kernel."""
+        shape = tuple(weight.shape) if weight is not None else self.expected_shape()
+        if shape is None:
+            raise self.error(f"{self.algo} in bypass mode needs the layer's weight shape")
+        if len(shape) == 2 and not geometry.linear:  # factors stored flat: the layer knows its kernel
+            shape = (shape[0], shape[1] // math.prod(geometry.kernel_size)) + tuple(geometry.kernel_size)
+        return shape
+
+    def delta_forward(self, x, geometry: LayerGeometry, shape: tuple) -> torch.Tensor:
+        """op(x, gamma*dW) without bias or strength. Default: the dense delta, built once per
+        copy and kept (memory: one weight-sized tensor in x's dtype); families with a factored
+        form override this."""
+        key = (shape, x.dtype, x.device)
+        d = self.cached("delta", key, lambda: self.delta(torch.empty(shape, device=x.device)).to(x.dtype))
+        return geometry.apply(x, d)
+
+    def dora_scale(self, weight, geometry: LayerGeometry, strength: float, token=None) -> torch.Tensor:
+        """DoRA's per-channel scale (output rows, or input columns for `dora_on_input`) with the
+        strength rule applied; a function of W and the adapter only, so computed once per `token`
+        (default: the weight tensor's own identity and version) and strength."""
+        if token is None and weight is None:
+            raise self.error(f"{self.algo} with DoRA in bypass mode needs the layer's weight once")
+        scales = self.cached("dora", token if token is not None else weight_token(weight), dict)  # per strength
+        if strength in scales:
+            return scales[strength]
+        if weight is None:
+            raise self.error(f"{self.algo} with DoRA in bypass mode needs the layer's weight once")
+        w = weight.to(device=self.device_of(weight), dtype=COMPUTE_DTYPE)
+        magnitude = self.tensors.get("dora_scale")
+        if magnitude is not None:
+            scale = dora_channel_scale(self.add_delta(w, 1.0), magnitude.to(COMPUTE_DTYPE), strength, self)
+        else:
+            scale = peft_dora_scale(self.add_delta(w, strength), self.t("lora_magnitude_vector"))
+        scales[strength] = scale.reshape(-1)
+        return scales[strength]
+
+    def device_of(self, weight):
+        first = next(iter(self.tensors.values()), None)
+        return weight.device if first is None else first.device
+
+    def bypass(self, x, y, weight, bias, geometry, strength: float = 1.0, *, token=None,
+               input_applied: bool = False):
         """Adapted layer output from input `x` and base output `y` (bias included).
 
         `y` is consumed: families may write the result into its storage (callers pass the base
-        output they just computed).
+        output they just computed). With `input_applied`, `x` is already `bypass_input(x)` and `y`
+        the base forward of it; otherwise families with an input side re-run the layer on it
+        (needing `weight`).
 
-        Default: additive families run their dense delta through the layer op,
-        y' = y + m * op(x, gamma*dW) (LoHa has no factored identity); the rest compute the
-        patched weight once per call from the layer's (dequantised) `weight`. Families with a
-        cheaper exact form override this.
+        Additive families: y' = y + m*h(x) (+ bias delta), h the factored or cached-dense
+        `delta_forward`. DoRA: y' = s * (y - b + h'(x)) + b' with s cached per weight (output
+        rows), or the same with x scaled per input column (input columns). Multiplicative
+        families without their own form: the patched weight rebuilt from `weight` (dense).
         """
-        if self.additive and not self.has_dora and not self.delta_uses_weight:
-            shape = weight.shape if weight is not None else self.expected_shape()
-            if shape is None:
-                raise self.error(f"{self.algo} in bypass mode needs the layer's weight shape")
-            if len(shape) == 2 and not geometry.linear:  # factors stored flat: the layer knows its kernel
-                shape = (shape[0], shape[1] // math.prod(geometry.kernel_size)) + tuple(geometry.kernel_size)
-            d = self.delta(torch.empty(shape, device=x.device))
-            out = y + strength * geometry.apply(x, d.to(x.dtype))
-            db = self.bias_delta(bias)
-            return out if db is None else out + strength * channel_view(db.to(x.dtype), out, geometry.linear)
+        if self.has_dora and not self.delta_uses_weight:
+            return self.dora_bypass(x, y, weight, bias, geometry, strength, token, input_applied)
+        if self.additive and not self.delta_uses_weight:
+            out = y.add_(self.delta_forward(x, geometry, self.layer_shape(weight, geometry)), alpha=strength)
+            return self.add_bias_delta(out, bias, strength, geometry)
         if weight is None:
             raise self.error(f"{self.algo} in bypass mode needs the layer's weight")
         w_new, b_new = self.patch(weight, strength, bias)
         return geometry.apply(x, w_new.to(x.dtype), None if b_new is None else b_new.to(x.dtype))
 
+    def add_bias_delta(self, out, bias, strength, geometry):
+        db = self.bias_delta(bias)
+        return out if db is None else out + strength * channel_view(db.to(out.dtype), out, geometry.linear)
+
+    def dora_bypass(self, x, y, weight, bias, geometry, strength, token, input_applied):
+        shape = self.layer_shape(weight, geometry)
+        if self.dora_on_input:
+            # W' = (W + gamma*dW) diag(s_m): both terms see the column-scaled input
+            if not input_applied and weight is None:
+                raise self.error(f"{self.algo} with input-side DoRA needs the layer's weight to re-run it")
+            x = self.bypass_input(x, weight, geometry, strength, token=token)
+            if not input_applied:
+                y = geometry.apply(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+            out = y.add_(self.delta_forward(x, geometry, shape))
+            return self.add_bias_delta(out, bias, strength, geometry)
+        scale = self.dora_scale(weight, geometry, strength, token).to(y.dtype)
+        h = self.delta_forward(x, geometry, shape)
+        # LyCORIS normalises W + gamma*dW whatever m; PEFT scales its delta by m
+        out = y.add_(h, alpha=strength if self.has_peft_dora else 1.0)
+        # (y + h - b) * s + b' in one pass: (y + h) * s + (b' - b * s)
+        b_new = self.patch_bias(bias, strength)
+        if b_new is None:
+            return out.mul_(channel_view(scale, out, geometry.linear))
+        shift = b_new.to(y.dtype) - bias.to(y.dtype) * scale
+        view = (lambda v: channel_view(v, out, geometry.linear))
+        return torch.addcmul(view(shift), out, view(scale), out=out)
+
+
+def weight_token(weight: torch.Tensor):
+    """Identity and version of a weight tensor: equal tokens mean unchanged values."""
+    return (str(weight.device), weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
+
+
+def plan_bypass(entries, geometry: LayerGeometry, token=None):
+    """(steps, needs_weight) for one call of a bypassed layer. `entries` is ((adapter, strength,
+    whole_layer), ...); an adapter on a slice of a fused layer cannot transform the shared input
+    and re-runs its rows instead. steps = ((adapter, strength, input_side), ...) for
+    `chain_inputs`; needs_weight: whether any adapter must read the layer's weight this call."""
+    steps = [(adapter, strength, whole and adapter.bypass_input_side(geometry, strength))
+             for adapter, strength, whole in entries]
+    needs = any(adapter.bypass_needs_weight(geometry, token=token, input_applied=side, strength=strength)
+                for adapter, strength, side in steps)
+    return steps, needs
+
+
+def chain_inputs(x, steps, weight, geometry: LayerGeometry, token=None) -> list:
+    """Inputs for a stack of bypassed adapters on one layer, as the sequentially merged weight
+    W_n = T_n(...T_1(W)) sees them: y(W_k, x) = y(W_{k-1}, T_k(x)) + (adapter k's own terms of x)
+    for an input-side adapter, so adapter k sees x_k = T_{k+1}(x_{k+1}) (x_n = x) and the base
+    forward sees T_1(x_1).
+
+    `steps` is ((adapter, strength, input_side), ...); returns [base input, x_1, ..., x_n].
+    """
+    inputs = [x]
+    for adapter, strength, input_side in reversed(steps):
+        if input_side:
+            x = adapter.bypass_input(x, weight, geometry, strength, token=token)
+        inputs.append(x)
+    inputs.reverse()  # [T_1(x_1), x_1, ..., x_n]
+    return inputs
+
 
 def weight_decompose(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, strength: float, adapter=None):
-    """LyCORIS DoRA (`dora_scale`), as its trainer computes it.
-
-    W1 = W + gamma*dW (strength not applied), n = ||W1|| along the axis the `dora_scale` shape
-    names (output rows for (O,1,...), input columns for (1,I,...)) plus fp32 eps,
-    s = dora_scale / n, and the strength interpolates the correction: s <- m*(s-1)+1.
-    At m = 0 the result is W + gamma*dW, not W (LyCORIS `apply_weight_decompose`).
-    """
+    """LyCORIS DoRA (`dora_scale`), as its trainer computes it: (W + gamma*dW) * s_m, see
+    `dora_channel_scale`. At m = 0 the result is W + gamma*dW, not W (LyCORIS
+    `apply_weight_decompose`)."""
     w1 = w + delta
+    return w1.mul_(dora_channel_scale(w1, magnitude, strength, adapter))
+
+
+def dora_channel_scale(w1: torch.Tensor, magnitude: torch.Tensor, strength: float, adapter=None) -> torch.Tensor:
+    """LyCORIS DoRA's scale for W1 = W + gamma*dW (strength not applied), shaped to broadcast
+    over it: n = ||W1|| along the axis the `dora_scale` shape names (output rows for (O,1,...),
+    input columns for (1,I,...)) plus fp32 eps, s = dora_scale / n, and the strength
+    interpolates it: s_m = m*(s-1)+1."""
+    w = w1
     out_channels, in_channels = w.shape[0], w.shape[1]
     if magnitude.dim() >= 2 and magnitude.shape[0] == 1 and magnitude.numel() == in_channels:
         # (1, I, 1, ...): norm of each input column over outputs and kernel
@@ -332,7 +485,7 @@ def weight_decompose(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tens
     scale = magnitude.reshape(norm.shape) / norm
     if strength != 1:
         scale = strength * (scale - 1) + 1
-    return w1 * scale
+    return scale
 
 
 def peft_dora(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, strength: float):
@@ -340,6 +493,11 @@ def peft_dora(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, str
 
     PEFT scales a layer by scaling `scaling`, which enters both the delta and the norm.
     """
-    w1 = w + strength * delta
-    norm = flat(w1).norm(dim=1).reshape([w.shape[0]] + [1] * (w.dim() - 1))
-    return w1 * (magnitude.reshape(norm.shape) / norm)
+    w1 = torch.add(w, delta, alpha=strength)
+    return w1.mul_(peft_dora_scale(w1, magnitude))
+
+
+def peft_dora_scale(w1: torch.Tensor, magnitude: torch.Tensor):
+    """PEFT DoRA's per-row scale mag / ||W1|| for W1 = W + m*s*BA, shaped to broadcast over it."""
+    norm = flat(w1).norm(dim=1).reshape([w1.shape[0]] + [1] * (w1.dim() - 1))
+    return magnitude.reshape(norm.shape) / norm

@@ -20,6 +20,21 @@ from .base import COMPUTE_DTYPE, Adapter, flat
 from .oft import DiagOFT
 
 
+COMPOSED_BLOCK = 128  # leading stages are multiplied out into dense blocks up to this size
+
+
+def _butterfly_last(y: torch.Tensor, rotations: torch.Tensor, first_stage: int) -> torch.Tensor:
+    """`_butterfly`'s stages `first_stage`, ... on the last dim of `y` (channels last)."""
+    stages, groups, size, _ = rotations.shape
+    half, lead, channels = size // 2, y.shape[:-1], y.shape[-1]
+    for i in range(stages):
+        k = 2 ** (first_stage + i) * half
+        y = y.reshape(*lead, channels // (2 * k), 2, k).transpose(-1, -2).reshape(*lead, groups, size)
+        y = torch.einsum("gij,...gj->...gi", rotations[i], y)
+        y = y.reshape(*lead, channels // (2 * k), k, 2).transpose(-1, -2).reshape(*lead, channels)
+    return y
+
+
 def _butterfly(rows: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """LyCORIS's stage sequence on dim 0 of `rows` (O, ...)."""
     stages, groups, size, _ = rotations.shape
@@ -54,6 +69,28 @@ class BOFT(DiagOFT):
 
     def rotate_rows(self, rows, rotation):
         return _butterfly(rows, rotation)
+
+    def rotate_channels_last(self, y, rotation, strength):
+        """Stages 0..s-1 act within contiguous chunks of C = 2^(s-1) * bs channels, so they are
+        multiplied out once into (O/C, C, C) blocks (C <= COMPOSED_BLOCK) and applied in one
+        pass; the later stages run one by one. Then the rescale."""
+        def build():
+            stages, groups, size, _ = rotation.shape
+            lead = 1
+            while lead < stages and 2 ** lead * size <= COMPOSED_BLOCK:
+                lead += 1
+            chunk = 2 ** (lead - 1) * size
+            channels = groups * size
+            eye = torch.eye(chunk, dtype=rotation.dtype, device=rotation.device).repeat(channels // chunk, 1)
+            blocks = _butterfly(eye, rotation[:lead]).reshape(channels // chunk, chunk, chunk)
+            return blocks.transpose(1, 2).contiguous(), lead
+
+        blocks, lead = self.cached("composed", (strength, y.dtype, y.device), build)
+        n, chunk, _ = blocks.shape
+        out = torch.einsum("...ni,nij->...nj", y.reshape(*y.shape[:-1], n, chunk), blocks).reshape(y.shape)
+        out = _butterfly_last(out, rotation[lead:], lead)
+        rescale = self.t("rescale")
+        return out if rescale is None else out.mul_(rescale.to(out.dtype).reshape(-1))
 
 
 def _butterfly_permutation(n: int, blocks: int, half: int) -> torch.Tensor:
@@ -110,22 +147,46 @@ class PeftBOFT(Adapter):
             raise self.error(f"boft_s has {self.tensors['boft_s'].numel()} entries, the model's weight "
                              f"{list(weight_shape)} has {weight_shape[0]} output channels", "boft_s")
 
-    def rotation_matrix(self) -> torch.Tensor:
-        """M = prod_i P_i blockdiag(R_i) P_i^T, later factors on the left."""
+    def factor_rotations(self) -> list:
+        """[(block rotations (n, bs, bs), butterfly permutation or None), ...] for i = 0..N-1."""
         blocks = self.t("boft_R")
         factors, groups, size, _ = blocks.shape
         skew = 0.5 * (blocks - blocks.transpose(-1, -2))
         eye = torch.eye(size, dtype=skew.dtype, device=skew.device).expand_as(skew)
         rotations = torch.linalg.solve(eye + skew, eye - skew, left=False)  # (I - S)(I + S)^-1
-        n = groups * size
-        total = None
+        out = []
         for i in range(factors):
-            diag = torch.block_diag(*rotations[i])
+            perm = None
             if factors > 1:  # PEFT's permutations are the identity with a single factor
-                perm = _butterfly_permutation(n, groups // 2 ** i, size // 2).to(diag.device)
+                perm = _butterfly_permutation(groups * size, groups // 2 ** i, size // 2).to(blocks.device)
+            out.append((rotations[i], perm))
+        return out
+
+    def rotation_matrix(self) -> torch.Tensor:
+        """M = prod_i P_i blockdiag(R_i) P_i^T, later factors on the left."""
+        total = None
+        for rotations, perm in self.factor_rotations():
+            diag = torch.block_diag(*rotations)
+            if perm is not None:
                 diag = diag[perm][:, perm]  # P D P^T with P[j, perm[j]] = 1
             total = diag if total is None else diag @ total
         return total
+
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x M one butterfly factor at a time (last factor first), never the dense I x I matrix:
+        x P D P^T gathers x by the inverse permutation, multiplies block-wise, gathers by P.
+        The factors' rotations are built once per copy."""
+        def build():
+            return [(r.to(x.dtype), None if p is None else (torch.argsort(p), p)) for r, p in self.factor_rotations()]
+
+        factors = self.cached("rotation", (x.dtype, x.device), build)
+        lead = x.shape[:-1]
+        for rotations, perms in reversed(factors):
+            u = x if perms is None else x[..., perms[0]]
+            u = torch.einsum("...gi,gij->...gj", u.reshape(*lead, *rotations.shape[:2]), rotations)
+            u = u.reshape(*lead, -1)
+            x = u if perms is None else u[..., perms[1]]
+        return x
 
     def patch(self, weight, strength=1.0, bias=None, inplace=False):
         self.check_weight(weight.shape)
@@ -138,16 +199,32 @@ class PeftBOFT(Adapter):
     def bypass_is_dense(self, geometry=None):
         return geometry is None or not geometry.linear
 
-    def bypass(self, x, y, weight, bias, geometry, strength=1.0):
-        """Linear: PEFT's forward, s * f(x M) (bias outside the scale), interpolated with the base
-        output y as the merge is; convs: the patched weight."""
+    def bypass_input_side(self, geometry, strength=1.0):
+        return geometry.linear and strength == 1
+
+    def bypass_needs_weight(self, geometry=None, *, token=None, input_applied=False, strength=1.0):
+        return not (input_applied and geometry is not None and geometry.linear)
+
+    def bypass_input(self, x, weight, geometry, strength=1.0, *, token=None):
+        self.check_weight((self.tensors["boft_s"].numel(), x.shape[-1]))
+        return self.rotate_input(x)
+
+    def bypass(self, x, y, weight, bias, geometry, strength=1.0, *, token=None, input_applied=False):
+        """Linear: PEFT's forward, s * f(x M) (bias outside the scale); at m = 1 with `input_applied`
+        only the output scale is left, otherwise the layer is re-run on the rotated input and the
+        result interpolated with y as the merge is (two base forwards). Convs: the patched weight."""
         if not geometry.linear:
             return super().bypass(x, y, weight, bias, geometry, strength)
+        s = self.t("boft_s").reshape(-1).to(x.dtype)
+        b = None if bias is None else bias.to(x.dtype)
+        if input_applied:
+            out = y if b is None else y.sub_(b)
+            out = out.mul_(s)
+            return out if b is None else out.add_(b)
         if weight is None:
             raise self.error("boft in bypass mode needs the layer's weight (it rotates the input)")
         self.check_weight(weight.shape)
-        rotated = F.linear(x @ self.rotation_matrix().to(x.dtype), weight.to(x.dtype))
-        rotated = rotated * self.t("boft_s").reshape(-1).to(x.dtype)
-        if bias is not None:
-            rotated = rotated + bias.to(x.dtype)
+        rotated = F.linear(self.rotate_input(x), weight.to(x.dtype)) * s
+        if b is not None:
+            rotated = rotated + b
         return rotated if strength == 1 else y + strength * (rotated - y)

@@ -4,6 +4,10 @@ LyCORIS >= 3.0 stores a2 (r, I) and a1 (I, r) for A, b2 (r, I[, k]) and b1 (O, r
 files swap the roles (a1/b1 down, a2/b2 up). The orientation is read from the shapes.
 gamma = alpha / r, or alpha / sqrt(r) when the file was trained with rs_lora (GLoRA stores the
 raw alpha, so only the metadata tells). Strength is linear; dW depends on W.
+
+Bypass, factored: W'x = W(x + m*gamma*A x) + m*gamma*B x, so the input-side transform
+x + m*gamma*a_up(a_down(x)) goes before the base forward and B runs as a LoRA beside it; neither
+needs W. A caller that cannot transform the input gets the layer re-run on it (needs W).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .base import Adapter, flat
 
@@ -75,3 +80,44 @@ class GLoRA(Adapter):
         w_a = torch.einsum("oi...,ij->oj...", weight, a)
         b = (flat(b_up) @ flat(b_down)).reshape(weight.shape)
         return (w_a + b) * self.scale
+
+    def bypass_input_side(self, geometry, strength=1.0):
+        return not self.has_dora
+
+    def bypass_needs_weight(self, geometry=None, *, token=None, input_applied=False, strength=1.0):
+        return self.has_dora or not input_applied
+
+    def bypass_is_dense(self, geometry=None):
+        return self.has_dora
+
+    def bypass_input(self, x, weight, geometry, strength=1.0, *, token=None):
+        """x + m*gamma*A x, A = a_up @ a_down mixing input channels (1x1 for convs)."""
+        a_down, a_up, _, _ = (t.to(x.dtype) for t in self.factors())
+        if geometry.linear:
+            h = F.linear(x, flat(a_down)).reshape(-1, a_down.shape[0])
+            return torch.addmm(x.reshape(-1, x.shape[-1]), h, flat(a_up).T, alpha=strength * self.scale).reshape(x.shape)
+        else:
+            ones = (1,) * geometry.conv_dims
+            ax = geometry.apply(geometry.apply(x, flat(a_down).reshape(-1, x.shape[1], *ones), plain=True),
+                                flat(a_up).reshape(x.shape[1], -1, *ones), plain=True)
+        return x + (strength * self.scale) * ax
+
+    def bypass(self, x, y, weight, bias, geometry, strength=1.0, *, token=None, input_applied=False):
+        if self.has_dora:
+            return super().bypass(x, y, weight, bias, geometry, strength, token=token, input_applied=input_applied)
+        if not input_applied:
+            if weight is None:
+                raise self.error("glora in bypass mode needs the layer's weight (its delta is W A + B)")
+            y = geometry.apply(self.bypass_input(x, weight, geometry, strength), weight.to(x.dtype),
+                               None if bias is None else bias.to(x.dtype))
+        _, _, b_down, b_up = (t.to(x.dtype) for t in self.factors())
+        b_up = flat(b_up) * (strength * self.scale)
+        if geometry.linear:
+            h = F.linear(x, flat(b_down)).reshape(-1, b_down.shape[0])
+            if y.is_contiguous():
+                y.view(-1, y.shape[-1]).addmm_(h, b_up.T)
+                return y
+            return y.add_(F.linear(F.linear(x, flat(b_down)), b_up))
+        shape = self.layer_shape(weight, geometry)
+        h = geometry.apply(x, b_down.reshape(b_down.shape[:1] + tuple(shape[1:])))
+        return y.add_(geometry.apply(h, b_up.reshape(b_up.shape + (1,) * geometry.conv_dims), plain=True))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from .base import Adapter, COMPUTE_DTYPE, channel_view
 
 
@@ -54,22 +56,32 @@ class IA3(Adapter):
         w_new = w * _axis_view(self.factor(strength), w, self.on_input)
         return w_new, None if bias is None else bias.to(COMPUTE_DTYPE)
 
-    def bypass_needs_weight(self):
+    def bypass_input_side(self, geometry, strength=1.0):
         return self.on_input
 
-    def bypass(self, x, y, weight, bias, geometry, strength=1.0):
-        factor = self.factor(strength).to(x.dtype)
+    def bypass_needs_weight(self, geometry=None, *, token=None, input_applied=False, strength=1.0):
+        return self.on_input and not input_applied
+
+    def bypass_input(self, x, weight, geometry, strength=1.0, *, token=None):
+        if not self.on_input:
+            return x
+        return x * channel_view(self.factor(strength).to(x.dtype), x, geometry.linear)
+
+    def bypass(self, x, y, weight, bias, geometry, strength=1.0, *, token=None, input_applied=False):
         if self.on_input:
+            if input_applied:  # y = f(x * g) already
+                return y
             # y' = f(x * g): run the layer again on the scaled input
             if weight is None:
                 raise self.error("ia3 on_input in bypass mode needs the layer's weight")
-            return geometry.apply(x * channel_view(factor, x, geometry.linear), weight.to(x.dtype),
+            return geometry.apply(self.bypass_input(x, weight, geometry, strength), weight.to(x.dtype),
                                   None if bias is None else bias.to(x.dtype))
+        factor = self.factor(strength).to(y.dtype)
         view = channel_view(factor, y, geometry.linear)
         if bias is None:
-            return y * view
-        b = channel_view(bias.to(y.dtype), y, geometry.linear)
-        return (y - b) * view + b
+            return y.mul_(view)
+        # (y - b) * g + b in one pass: y * g + b * (1 - g)
+        return torch.addcmul(channel_view(bias.to(y.dtype) * (1 - factor), y, geometry.linear), y, view, out=y)
 
 
 class PeftIA3(Adapter):

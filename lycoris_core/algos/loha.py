@@ -2,12 +2,22 @@
 
 dW = (w1_a @ w1_b) * (w2_a @ w2_b); Tucker: T_j = t_j x1 w_j_a x2 w_j_b, dW = T_1 * T_2.
 gamma = alpha / rank, applied once (LyCORIS's training forward; its merge_to applies it twice).
-Strength is linear. Bypass has no factored identity, so it runs the dense delta.
+Strength is linear.
+
+Bypass: (A1 B1) * (A2 B2) == U D with U[o, pq] = A1[o, p] A2[o, q] and D[pq, i] = B1[p, i] B2[q, i]
+(row-wise Khatri-Rao products), an exact rank-r1*r2 LoRA. Per token (pixel) it costs
+r1*r2*(I*k + O) multiply-adds against O*I*k for the dense delta run through the layer op, so the
+product form is used where it is cheaper and the dense delta (built once per device, O*I*k
+values kept in the activation dtype) elsewhere, and for Tucker and grouped convs. The product
+factors keep r1*r2*(O + I*k) values.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from .base import Adapter, flat
 
@@ -81,3 +91,29 @@ class LoHa(Adapter):
         else:
             parts = [(flat(self.t(f"hada_w{j}_a")) * first[j]) @ flat(self.t(f"hada_w{j}_b")) for j in "12"]
         return parts[0].mul_(parts[1]).reshape(weight.shape)
+
+    def product_factors_cheaper(self, geometry, shape) -> bool:
+        """Whether the rank-r1*r2 product form costs fewer multiply-adds per output position than
+        the dense delta (never for Tucker or grouped convs, which keep the dense delta)."""
+        if self.tucker or geometry.groups != 1:
+            return False
+        out_channels, columns = shape[0], math.prod(shape[1:])
+        r2 = self.tensors["hada_w1_b"].shape[0] * self.tensors["hada_w2_b"].shape[0]
+        return r2 * (columns + out_channels) < out_channels * columns
+
+    def product_factors(self, dtype):
+        """(gamma * U (O, r1*r2), D (r1*r2, I*k)) with dW = U @ D."""
+        a1, a2 = self.t("hada_w1_a") * self.scale, self.t("hada_w2_a")
+        b1, b2 = self.t("hada_w1_b"), self.t("hada_w2_b")
+        up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)
+        down = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
+        return up.to(dtype), down.to(dtype)
+
+    def delta_forward(self, x, geometry, shape):
+        if not self.product_factors_cheaper(geometry, shape):
+            return super().delta_forward(x, geometry, shape)
+        up, down = self.cached("product", (x.dtype, x.device), lambda: self.product_factors(x.dtype))
+        if geometry.linear:
+            return F.linear(F.linear(x, down), up)
+        h = geometry.apply(x, down.reshape(down.shape[:1] + tuple(shape[1:])))
+        return geometry.apply(h, up.reshape(up.shape + (1,) * geometry.conv_dims), plain=True)

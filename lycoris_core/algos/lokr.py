@@ -112,13 +112,34 @@ class LoKr(Adapter):
         d = torch.kron((w1 * self.scale).contiguous(), w2.contiguous())  # gamma on the small factor
         return d.reshape(weight.shape)
 
-    def bypass(self, x, y, weight, bias, geometry, strength=1.0):
-        if "dora_scale" in self.tensors or not geometry.linear:
-            return super().bypass(x, y, weight, bias, geometry, strength)
-        # Kronecker identity: (w1 (x) W2) x  ==  vec(w1 . X . W2^T) with x viewed as (c, d).
-        w1 = (self.w1() * (strength * self.scale)).to(x.dtype)  # the factor on the small matrix
-        w2 = self.w2().to(x.dtype)
-        c, d = w1.shape[1], w2.shape[1]
-        z = F.linear(x.reshape(*x.shape[:-1], c, d), flat(w2))  # (..., c, b)
-        out = torch.matmul(w1, z).reshape(y.shape)  # (..., a, b)
+    def bypass(self, x, y, weight, bias, geometry, strength=1.0, *, token=None, input_applied=False):
+        if self.has_dora or not geometry.linear:
+            return super().bypass(x, y, weight, bias, geometry, strength, token=token, input_applied=input_applied)
+        out = self.kron_forward(x, strength * self.scale)
         return y.add_(out) if y.is_contiguous() else y + out
+
+    def delta_forward(self, x, geometry, shape):
+        """Linear: the Kronecker identity; convs: the dense delta, built once (see Adapter)."""
+        if not geometry.linear:
+            return super().delta_forward(x, geometry, shape)
+        return self.kron_forward(x, self.scale)
+
+    def kron_forward(self, x, factor):
+        """factor * (w1 (x) W2) x  ==  vec(w1 . X . W2^T) with x viewed as (c, d); a low-rank W2
+        (w2_a @ w2_b, no Tucker) is applied as its two factors when that has fewer multiply-adds."""
+        w1, w2_parts = self.cached("factors", (x.dtype, x.device), lambda: self.kron_factors(x.dtype))
+        w1 = w1 * factor  # the factor on the small matrix
+        c = w1.shape[1]
+        z = x.reshape(*x.shape[:-1], c, -1)
+        for part in w2_parts:
+            z = F.linear(z, part)  # (..., c, b) in the end
+        return torch.matmul(w1, z).reshape(*x.shape[:-1], -1)  # (..., a, b) -> (..., a*b)
+
+    def kron_factors(self, dtype):
+        """(w1, [W2] or [w2_b, w2_a]) for `kron_forward`, in `dtype`."""
+        a, b = self.tensors.get("lokr_w2_a"), self.tensors.get("lokr_w2_b")
+        if a is not None and b is not None and b.dim() == 2 and "lokr_t2" not in self.tensors:
+            rows, rank, cols = a.shape[0], a.shape[1], b.shape[1]
+            if rank * (rows + cols) < rows * cols:
+                return self.w1().to(dtype), [self.t("lokr_w2_b").to(dtype), self.t("lokr_w2_a").to(dtype)]
+        return self.w1().to(dtype), [flat(self.w2()).to(dtype)]

@@ -90,34 +90,33 @@ class LoRA(Adapter):
         extra = self.t("lora_up.bias")
         return None if extra is None else extra * self.scale
 
-    def bypass(self, x, y, weight, bias, geometry, strength=1.0):
-        if any(k in self.tensors for k in ("dora_scale", "lora_magnitude_vector", "bias_indices")):
-            return super().bypass(x, y, weight, bias, geometry, strength)
-        up, down, mid = (None if t is None else t.to(x.dtype) for t in (self.t(UP), self.t(DOWN), self.t(MID)))
-        factor = strength * self.scale
-        if geometry.linear and "lora_up.bias" not in self.tensors:
-            # y + factor * up(down(x)) in one fused pass, into y's own storage when it is contiguous
-            h = F.linear(x, flat(down)).reshape(-1, down.shape[0])
+    def bypass(self, x, y, weight, bias, geometry, strength=1.0, *, token=None, input_applied=False):
+        plain = not any(k in self.tensors for k in ("dora_scale", "lora_magnitude_vector", "lora_up.bias"))
+        if geometry.linear and plain and "bias_indices" not in self.tensors:
+            # y + m*gamma * up(down(x)) in one fused pass, into y's own storage when it is contiguous
+            down, up = flat(self.t(DOWN)).to(x.dtype), flat(self.t(UP)).to(x.dtype)
+            h = F.linear(x, down).reshape(-1, down.shape[0])
+            factor = strength * self.scale
             if y.is_contiguous():
-                y.view(-1, y.shape[-1]).addmm_(h, flat(up).T, alpha=factor)
+                y.view(-1, y.shape[-1]).addmm_(h, up.T, alpha=factor)
                 return y
-            return torch.addmm(y.reshape(-1, y.shape[-1]), h, flat(up).T, alpha=factor).reshape(y.shape)
+            return torch.addmm(y.reshape(-1, y.shape[-1]), h, up.T, alpha=factor).reshape(y.shape)
+        return super().bypass(x, y, weight, bias, geometry, strength, token=token, input_applied=input_applied)
+
+    def delta_forward(self, x, geometry, shape):
+        """gamma * up(mid(down(x))): down carries the kernel (or mid does, Tucker); up is 1x1."""
+        if "bias_indices" in self.tensors or geometry.groups != 1:
+            return super().delta_forward(x, geometry, shape)
+        up, down, mid = (None if t is None else t.to(x.dtype) for t in (self.t(UP), self.t(DOWN), self.t(MID)))
+        up = flat(up) * self.scale
         if geometry.linear:
-            out = F.linear(F.linear(x, flat(down)), flat(up))
-        elif geometry.groups != 1:
-            return super().bypass(x, y, weight, bias, geometry, strength)
+            return F.linear(F.linear(x, flat(down)), up)
+        kernel_dims = (1,) * geometry.conv_dims
+        up = up.reshape(up.shape + kernel_dims)
+        if mid is None:
+            down = down if down.dim() > 2 else down.reshape(down.shape[:1] + tuple(shape[1:]))
+            h = geometry.apply(x, down)
         else:
-            # down carries the kernel (or mid does, Tucker); up is always 1x1
-            kernel_dims = (1,) * geometry.conv_dims
-            up = up.reshape(up.shape[:2] + kernel_dims)
-            if mid is None:
-                down = down if down.dim() > 2 else down.reshape(down.shape + kernel_dims)
-                h = geometry.apply(x, down)
-            else:
-                h = geometry.apply(x, down.reshape(down.shape[:2] + kernel_dims), plain=True)
-                h = geometry.apply(h, mid)
-            out = geometry.apply(h, up, plain=True)
-        extra = self.t("lora_up.bias")
-        if extra is not None:
-            out = out + channel_view(extra.to(x.dtype), out, geometry.linear)
-        return y + factor * out
+            h = geometry.apply(x, down.reshape(down.shape[:2] + kernel_dims), plain=True)
+            h = geometry.apply(h, mid)
+        return geometry.apply(h, up, plain=True)

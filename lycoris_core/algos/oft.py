@@ -104,17 +104,44 @@ class DiagOFT(Adapter):
         out = self._rescaled(self.rotate_rows(w, self.rotation(strength)))
         return out, None if bias is None else bias.to(COMPUTE_DTYPE)
 
-    def bypass_needs_weight(self):
+    def bypass_needs_weight(self, geometry=None, *, token=None, input_applied=False, strength=1.0):
         return False
 
-    def bypass(self, x, y, weight, bias, geometry, strength=1.0):
-        """The same rotation on the channels of (y - b), then rescale, then b back."""
-        b = None if bias is None else channel_view(bias.to(y.dtype), y, geometry.linear)
-        out = y if b is None else y - b
-        channels = out.movedim(-1 if geometry.linear else 1, 0)
-        mixed = self._rescaled(self.rotate_rows(channels, self.rotation(strength).to(y.dtype)))
-        out = mixed.movedim(0, -1 if geometry.linear else 1)
-        return out if b is None else out + b
+    def bypass_is_dense(self, geometry=None):
+        return False
+
+    def bypass(self, x, y, weight, bias, geometry, strength=1.0, *, token=None, input_applied=False):
+        """The same rotation on the channels of y - b, then rescale, then b back (output side:
+        never the rotated weight), as rotate(y) + (b - rotate(b)). The rotation depends on the
+        blocks only: built once per copy (Diag-OFT on a Linear with the rescale folded in)."""
+        rotation = self.cached("rotation", (strength, y.dtype, y.device),
+                               lambda: self.rotation(strength).to(y.dtype))
+        shift = None
+        if bias is not None:
+            b = bias.to(y.dtype)
+            shift = b - self._rescaled(self.rotate_rows(b.reshape(-1, 1), rotation)).reshape(-1)
+        if geometry.linear:
+            out = self.rotate_channels_last(y, rotation, strength)
+        else:
+            channel = -1 if geometry.linear else 1
+            out = self._rescaled(self.rotate_rows(y.movedim(channel, 0), rotation)).movedim(0, channel)
+        return out if shift is None else out.add_(channel_view(shift, out, geometry.linear))
+
+    def rotate_channels_last(self, y, rotation, strength):
+        """`rotate_rows` then rescale on the last dim of a Linear's output, the rescale folded
+        into the blocks (kept per copy)."""
+        folded = self.cached("rotation_rescaled", (strength, y.dtype, y.device),
+                             lambda: self._folded_rescale(rotation))
+        n, bs, _ = folded.shape
+        return torch.einsum("...ni,nij->...nj", y.reshape(*y.shape[:-1], n, bs), folded).reshape(y.shape)
+
+    def _folded_rescale(self, rotation):
+        """R_k with column j scaled by rescale[k*bs + j]: rescale after R^T in one matrix."""
+        rescale = self.t("rescale")
+        if rescale is None:
+            return rotation
+        n, bs, _ = rotation.shape
+        return rotation * rescale.to(rotation.dtype).reshape(n, 1, bs)
 
 
 class LegacyOFT(DiagOFT):
@@ -136,10 +163,12 @@ class PeftOFT(Adapter):
     """PEFT OFT v2: `oft_R.weight` (n_blocks, bs(bs-1)/2) holds the strict upper triangle of each
     skew block; blocks tile the input features (Linear I, conv I*kh*kw); `block_share` stores one
     block used for all of them. Files written before PEFT 0.18 with `use_cayley_neumann` used an
-    older series (PEFT itself only warns): decoded with the current one."""
+    older series (PEFT itself only warns): decoded with the current one. OneTrainer's OFT_2 writes
+    the same key; with its "scaled OFT" it trains `oft_R / (2 sqrt(bs - 1))` and marks the module
+    with a boolean `oft_R.scaled_oft` (its OFTRotationModule.forward)."""
 
     algo = "oft"
-    suffixes = ("oft_R.weight",)
+    suffixes = ("oft_R.weight", "oft_R.scaled_oft")
     additive = False
 
     @classmethod
@@ -185,6 +214,9 @@ class PeftOFT(Adapter):
         """(columns / bs, bs, bs) Cayley rotations as PEFT computes them for this file's config."""
         config, bs = self.config, self.block_size
         vectors = self.t("oft_R.weight")
+        scaled = self.tensors.get("oft_R.scaled_oft")
+        if scaled is not None and bool(scaled.reshape(-1)[0]) and bs > 1:
+            vectors = vectors / (2 * math.sqrt(bs - 1))
         rows, cols = torch.triu_indices(bs, bs, 1)
         q = torch.zeros(vectors.shape[0], bs, bs, dtype=vectors.dtype, device=vectors.device)
         q[:, rows, cols] = vectors
@@ -228,15 +260,31 @@ class PeftOFT(Adapter):
     def bypass_is_dense(self, geometry=None):
         return geometry is None or not geometry.linear
 
-    def bypass(self, x, y, weight, bias, geometry, strength=1.0):
+    def bypass_input_side(self, geometry, strength=1.0):
+        return geometry.linear
+
+    def bypass_needs_weight(self, geometry=None, *, token=None, input_applied=False, strength=1.0):
+        return not (input_applied and geometry is not None and geometry.linear)
+
+    def bypass_input(self, x, weight, geometry, strength=1.0, *, token=None):
+        """x blockdiag(R_m), R_m = I + m (R - I): the rotations are built once per copy."""
+        self.check_weight((1, x.shape[-1]))
+        r = self.cached("rotation", (strength, x.dtype, x.device, x.shape[-1]),
+                        lambda: interpolate(self.rotations(x.shape[-1]), strength).to(x.dtype))
+        xr = torch.einsum("...nj,nji->...ni", x.reshape(*x.shape[:-1], r.shape[0], self.block_size), r)
+        return xr.reshape(x.shape)
+
+    def bypass(self, x, y, weight, bias, geometry, strength=1.0, *, token=None, input_applied=False):
         """Linear: PEFT's own forward, f(x blockdiag(R_m)) with R_m = I + m (R - I), which equals
-        x W_m^T + b for W_m = W + m (W' - W). Convs: the patched weight (PEFT's unfold forward
-        is not its merge)."""
+        x W_m^T + b for W_m = W + m (W' - W): with `input_applied` that is `y` itself, otherwise
+        the layer is re-run on the rotated input. Convs: the patched weight (PEFT's unfold
+        forward is not its merge)."""
         if not geometry.linear:
             return super().bypass(x, y, weight, bias, geometry, strength)
+        if input_applied:
+            return y
         if weight is None:
             raise self.error("oft in bypass mode needs the layer's weight (it rotates the input)")
         self.check_weight(weight.shape)
-        r = interpolate(self.rotations(x.shape[-1]), strength).to(x.dtype)
-        xr = torch.einsum("...nj,nji->...ni", x.reshape(*x.shape[:-1], r.shape[0], self.block_size), r)
-        return F.linear(xr.reshape(x.shape), weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        xr = self.bypass_input(x, weight, geometry, strength)
+        return F.linear(xr, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))

@@ -103,7 +103,7 @@ class TLoRA(Adapter):
             alpha = 1.0
         return rank_mask(timestep, self.rank, min_rank, alpha)
 
-    def bypass(self, x, y, weight, bias, geometry, strength=1.0):
+    def bypass(self, x, y, weight, bias, geometry, strength=1.0, *, token=None, input_applied=False):
         """y + m*gamma*(P(lambda*mu . Qx) - P0(lambda0*mu . Q0x)), mu the mask of the current step.
         The initial state (an SVD of W) is computed once per layer weight."""
         if weight is None:

@@ -222,7 +222,7 @@ def round_params(net: nn.Module, dtype) -> None:
             p.copy_(p.to(dtype).to(p.dtype))
 
 
-def build_case(case: Case, directory) -> OracleCase:
+def build_case(case: Case, directory, multipliers=MULTIPLIERS) -> OracleCase:
     from lycoris import LycorisNetwork, create_lycoris
     from safetensors.torch import load_file
 
@@ -265,7 +265,7 @@ def build_case(case: Case, directory) -> OracleCase:
             y_base = base_layer(x)
             outputs = {}
             if not case.random_forward:
-                for m in MULTIPLIERS:
+                for m in multipliers:
                     net.set_multiplier(m)
                     outputs[m] = modules[path](x).clone()
         layers[path] = LayerRecord(path, lora.lora_name, base_layer, x, y_base, outputs)

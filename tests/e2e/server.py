@@ -112,6 +112,11 @@ class ComfyServer:
             "--database-url": ["sqlite:///:memory:"],
             "--disable-api-nodes": [],
         }
+        if not (self.root / "custom_nodes").is_dir():
+            # ComfyUI 0.28 lists <base>/custom_nodes at start and exits if it is missing (the shared
+            # snapshot has none): the work directory stands in as the base, the runtime stays as it is
+            (self.work / "custom_nodes").mkdir(parents=True, exist_ok=True)
+            optional["--base-directory"] = [str(self.work)]
         for flag, values in optional.items():
             if self._supports(flag):
                 cmd += [flag, *values]

@@ -187,3 +187,46 @@ def test_auto_on_a_float_model_is_merge(pack, tmp_path):
     assert not bypassed_layers(auto) and "bypass:" not in report and "warning" not in report, report
     assert auto.patches.keys() == merged.patches.keys() and auto.patches
     assert torch.equal(_run(auto), _run(merged))
+
+
+@pytest.mark.parametrize("algo, kwargs", [
+    ("dora", {"algo": "lora", "dora_wd": True, "wd_on_output": True}),
+    ("dora_in", {"algo": "lora", "dora_wd": True, "wd_on_output": False}),
+    ("glora", {"algo": "glora"}),
+    ("loha", {"algo": "loha"}),
+    ("diag-oft", {"algo": "diag-oft", "linear_alpha": 0, "conv_alpha": 0}),
+])
+def test_fp8_factored_bypass_reads_the_weight_at_most_once(pack, tmp_path, monkeypatch, algo, kwargs):
+    """DoRA dequantises a layer's weight on the first step only (its scale is kept per weight);
+    GLoRA, LoHa and OFT never do. Both steps equal the merge into the dequantised weights."""
+    import importlib
+
+    _loras(tmp_path)
+    model = tiny_sd15()
+    kwargs = dict(kwargs)
+    lycoris_file(model.model.diffusion_model, tmp_path / f"{algo}.safetensors", "lora_unet_", kwargs.pop("algo"),
+                 conv_dim=4, conv_alpha=kwargs.pop("conv_alpha", 2), **kwargs)
+    _to_fp8(model)
+    reference_base = _dequantised_copy(model)
+    y_base = _run(reference_base)
+    y_ref = _run(_load(pack, reference_base, f"{algo}.safetensors", 0.8, "merge"))
+    bypass_module = importlib.import_module(f"{pack.__name__}.nodes.bypass")
+    reads = []
+    real = bypass_module._layer_weights
+    monkeypatch.setattr(bypass_module, "_layer_weights", lambda module, x: reads.append(module) or real(module, x))
+    bypassed = _load(pack, model, f"{algo}.safetensors", 0.8, "bypass")
+    torch.manual_seed(0)
+    x, t, context = torch.randn(1, 4, 16, 16), torch.tensor([500.0]), torch.randn(1, 5, 64)
+    bypassed.patch_model()
+    try:
+        with torch.no_grad():
+            first = bypassed.model.diffusion_model(x, t, context=context).float()
+            reads_first = len(reads)
+            second = bypassed.model.diffusion_model(x, t, context=context).float()
+    finally:
+        bypassed.unpatch_model()
+    assert (reads_first > 0) == algo.startswith("dora"), reads_first
+    assert len(reads) == reads_first, "the second step read weights again"
+    effect = (y_ref - y_base).norm()
+    for y in (first, second):
+        assert float((y - y_ref).norm() / effect) < 1e-4

@@ -293,3 +293,27 @@ def test_block_weights_bind_to_block_ids(pack, tmp_path, mode):
         assert any(k.startswith("diffusion_model.middle_block.") for k in bypassed)
     with pytest.raises(ValueError, match="Load LyCORIS"):
         node.load(model, path.name, 1.0, mode, block_weights="1,0,1")  # wrong length names the ids
+
+
+def test_file_metadata_attached_like_comfyuis_loader(pack, tmp_path):
+    """ComfyUI's LoraLoader attaches the file's metadata as "lora_metadata" to the patched model and
+    clip (LTXV's IC-LoRA node reads it); the pack's loader attaches the same dict to both."""
+    import comfy.model_patcher
+    import nodes
+    from safetensors.torch import load_file, save_file
+
+    if not hasattr(comfy.model_patcher.ModelPatcher, "set_attachments"):
+        pytest.skip("this ComfyUI has no model attachments (its LoraLoader attaches no metadata)")
+    _loras(tmp_path, pack)
+    model, clip = tiny_sd15(), tiny_clip(tmp_path)
+    path = tmp_path / "te.safetensors"
+    lycoris_file(clip.cond_stage_model.clip_l.transformer.text_model, path, "lora_te_text_model_", "lora")
+    metadata = {"reference_downscale_factor": "2", "ss_network_module": "lycoris.kohya"}
+    save_file(load_file(str(path)), str(path), metadata)
+    ours_model, ours_clip, _ = _load(pack, model, clip, path.name, 1.0, 1.0)
+    theirs_model, theirs_clip = nodes.LoraLoader().load_lora(model, clip, path.name, 1.0, 1.0)
+    expected = theirs_model.get_attachment("lora_metadata")
+    assert expected == metadata == theirs_clip.patcher.get_attachment("lora_metadata")
+    assert ours_model.get_attachment("lora_metadata") == expected
+    assert ours_clip.patcher.get_attachment("lora_metadata") == expected
+    assert model.get_attachment("lora_metadata") is None  # the input model is not touched

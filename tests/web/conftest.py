@@ -20,6 +20,7 @@ for path in (HERE.parent, HERE, REPO / "scripts"):  # comfyui_runtime + e2e; com
 from e2e.conftest import e2e_models  # noqa: E402,F401  (the generated checkpoint and LoRAs)
 
 ARTIFACTS = REPO / "out" / "test_artifacts"
+NO_VUE_NODES = "the March-2024 front-end (pinned runtime) has no Vue node rendering (Nodes 2.0)"
 
 
 @pytest.fixture(scope="session")
@@ -38,23 +39,44 @@ def web_server(tmp_path_factory, e2e_models):  # noqa: F811
 
 @pytest.fixture(scope="session")
 def chromium():
-    """A headless Chromium browser context (fresh profile) for the session."""
+    """A headless Chromium browser for the session (each page gets a context of its own)."""
     from comfy_browser import BrowserUnavailable, launch_chromium
 
     try:
-        with launch_chromium() as context:
-            yield context
+        with launch_chromium() as browser:
+            yield browser
     except BrowserUnavailable as error:
         pytest.fail(str(error), pytrace=False)
 
 
-@pytest.fixture
-def comfy_page(chromium, web_server):
-    """A fresh ComfyUI page on the test server; fails the test if the pack's scripts raised."""
-    from comfy_browser import ComfyPage
+@pytest.fixture(scope="session")
+def frontend_seen():
+    """What the pages opened so far found: {"new": bool} once one has opened."""
+    return {}
 
-    page = ComfyPage(chromium.new_page(), web_server.url)
+
+@pytest.fixture(params=[False, True], ids=["canvas-nodes", "vue-nodes"])
+def vue_nodes(request, frontend_seen):
+    """Node rendering for `comfy_page`: on the canvas, or as Vue components ("Nodes 2.0"), which only
+    the new front-end has; a test that takes this fixture runs once on the March-2024 one."""
+    if request.param and frontend_seen.get("new") is False:
+        pytest.skip(NO_VUE_NODES)
+    return request.param
+
+
+@pytest.fixture
+def comfy_page(request, chromium, web_server, frontend_seen):
+    """A fresh ComfyUI page on the test server, with Vue node rendering if the test asks for it
+    (the `vue_nodes` fixture; off otherwise); fails the test if the pack's scripts raised."""
+    from comfy_browser import ComfyPage, fresh_page
+
+    vue = request.getfixturevalue("vue_nodes") if "vue_nodes" in request.fixturenames else False
+    page = ComfyPage(fresh_page(chromium), web_server.url, vue_nodes=vue)
     page.open()
+    frontend_seen["new"] = page.is_new_frontend
+    if vue and not page.is_new_frontend:
+        page.page.close()
+        pytest.skip(NO_VUE_NODES)
     yield page
     errors = page.pack_errors()
     page.page.close()

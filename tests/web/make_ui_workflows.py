@@ -129,7 +129,7 @@ def write_models(models: Path) -> None:
 
 
 def main(names: list[str]) -> None:
-    from comfy_browser import ComfyPage, launch_chromium
+    from comfy_browser import ComfyPage, fresh_page, launch_chromium
     from e2e.server import ComfyServer
 
     sources = [WORKFLOWS / name for name in names] if names else sorted(WORKFLOWS.glob("*_api.json"))
@@ -137,7 +137,7 @@ def main(names: list[str]) -> None:
         models = Path(work) / "models"
         write_models(models)
         with ComfyServer(Path(work) / "server", models) as server, launch_chromium() as browser:
-            page = ComfyPage(browser.new_page(), server.url)
+            page = ComfyPage(fresh_page(browser), server.url)
             page.open()
             object_info = server.object_info()
             for source in sources:

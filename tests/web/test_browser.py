@@ -4,7 +4,9 @@ the pinned March-2024 front-end, or the current one with COMFYUI_PATH).
 What a person does is what the tests do: load an example workflow, pick a preset in the node's
 combo with the mouse, type block weights into the editor's cells with the keyboard, click the
 queue button, and read what the server ran from its history. The oracle for every weights text
-is lycoris_core's own parser (what the node reads); screenshots go to out/test_artifacts/."""
+is lycoris_core's own parser (what the node reads); screenshots go to out/test_artifacts/
+(<name>_<rendering>.png). Tests taking `vue_nodes` run with the new front-end's nodes drawn on the
+canvas and rendered as Vue components ("Nodes 2.0"), once on the March-2024 front-end."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import NO_VUE_NODES
 from make_ui_workflows import same_prompt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,10 +62,18 @@ def wait_text(locator, pattern: str, timeout: float = 20_000) -> str:
     return locator.inner_text()
 
 
-def test_block_weights_typed_in_the_editor_are_what_the_server_runs(comfy_page, web_server, artifacts):
+def shown_in_node(page, node_id: int, panel_class: str) -> None:
+    """With Vue nodes the pack's panel is a DOM widget inside the node's element, and visible."""
+    if page.vue_nodes:
+        page.scroll_to(node_id)
+        assert page.vue_node(node_id).locator(f".{panel_class}").is_visible()
+
+
+def test_block_weights_typed_in_the_editor_are_what_the_server_runs(comfy_page, vue_nodes, web_server, artifacts):
     page = comfy_page
     page.load_workflow(workflow("lycoris_block_weight.json"))
     node = page.node_id("LycorisBlockWeight")
+    shown_in_node(page, node, "lycoris-blocks")
     assert page.widget_value(node, "preset") == "SD-INALL" and page.widget_value(node, "weights") == ""
 
     # auto: the editor followed the model link to the checkpoint and shows the preset's values
@@ -79,8 +90,11 @@ def test_block_weights_typed_in_the_editor_are_what_the_server_runs(comfy_page, 
 
     # typing into two cells: the text follows, the preset no longer applies
     page.type_into(page.block_cell(node, "IN04"), "0.5")
-    page.type_into(page.block_cell(node, "OUT05"), "0.25")
-    expected = {**vector("SD-OUTALL"), "IN04": 0.5, "OUT05": 0.25}
+    # a value of its own per rendering: the server would take a prompt it ran already from its cache
+    # and report nothing new for it
+    typed = 0.75 if page.vue_nodes else 0.25
+    page.type_into(page.block_cell(node, "OUT05"), str(typed))
+    expected = {**vector("SD-OUTALL"), "IN04": 0.5, "OUT05": typed}
     weights = page.widget_value(node, "weights")
     assert vector(weights) == expected, weights
     assert all(value != 1 for _, value in items(weights)), weights
@@ -105,11 +119,36 @@ def test_block_weights_typed_in_the_editor_are_what_the_server_runs(comfy_page, 
     # the node's report comes back to the editor; a person looks at the screenshot
     wait_text(editor(page, node).locator(".lycoris-report"), r"LyCORIS Block Weight \(sd1\)")
     page.view_from_left()
-    shot = page.screenshot(artifacts / "browser_block_weights.png")
+    shot = page.screenshot(artifacts / f"browser_block_weights_{page.rendering}.png")
     assert shot.read_bytes()[:8] == PNG
 
 
-def test_info_panel_shows_what_the_selected_file_holds(comfy_page, e2e_models, artifacts):
+def test_editor_and_panel_follow_a_switch_of_node_rendering_in_the_open_page(comfy_page):
+    """Nodes 2.0 switched on and off again in the settings while a workflow is open: the same editor
+    and panel move between the canvas and the Vue nodes and keep writing the weights."""
+    page = comfy_page
+    if not page.is_new_frontend:
+        pytest.skip(NO_VUE_NODES)
+    page.load_workflow(workflow("lycoris_block_weight.json"))
+    node = page.node_id("LycorisBlockWeight")
+    loader = page.node_id("LycorisLoader")
+    wait_text(editor(page, node).locator(".lycoris-status"), r"^sd1 · 27 blocks")
+    expected = vector("SD-INALL")
+    for on, block, value in ((True, "OUT03", 0.3), (False, "IN05", 0.6)):
+        page.switch_vue_nodes(on)
+        shown_in_node(page, loader, "lycoris-info")
+        shown_in_node(page, node, "lycoris-blocks")
+        page.scroll_to(node)
+        page.type_into(page.block_cell(node, block), str(value))
+        expected[block] = value
+        assert vector(page.widget_value(node, "weights")) == expected
+        assert cell_values(page, node) == expected
+        assert page.page.locator(".lycoris-blocks").count() == 1  # moved, not built a second time
+    text = wait_text(page.page.locator(f'.lycoris-info[data-lycoris-node="{loader}"]'), "algorithms:")
+    assert "lora ×120" in text, text
+
+
+def test_info_panel_shows_what_the_selected_file_holds(comfy_page, vue_nodes, e2e_models, artifacts):
     from lycoris_core import load_adapter_file
     from lycoris_core.inspection import summarize
 
@@ -119,6 +158,7 @@ def test_info_panel_shows_what_the_selected_file_holds(comfy_page, e2e_models, a
     node = page.node_id("LycorisLoader")
     name = page.widget_value(node, "lycoris_name")
     panel = page.page.locator(f'.lycoris-info[data-lycoris-node="{node}"]')
+    shown_in_node(page, node, "lycoris-info")
 
     summary = summarize(load_adapter_file(models / "loras" / name))
     assert len(summary["algorithms"]) > 1 and summary["trigger_words"]  # a mixed file with trigger words
@@ -129,7 +169,7 @@ def test_info_panel_shows_what_the_selected_file_holds(comfy_page, e2e_models, a
     assert f"base model: {summary['training']['ss_base_model_version']}" in text, text
     assert f"trigger words: {summary['trigger_words'][0][0]}" in text, text
     page.view_from_left()
-    page.screenshot(artifacts / "browser_info_panel.png")
+    page.screenshot(artifacts / f"browser_info_panel_{page.rendering}.png")
 
     # another file picked in the combo menu: the panel follows
     page.choose_combo(node, "lycoris_name", "e2e_kohya_lora.safetensors")
@@ -146,7 +186,7 @@ def test_info_panel_shows_what_the_selected_file_holds(comfy_page, e2e_models, a
     assert "cannot show gone.safetensors: 'gone.safetensors' is not in the loras folders" in text, text
 
 
-def test_editor_reads_the_architecture_from_the_combo_or_through_a_reroute(comfy_page):
+def test_editor_reads_the_architecture_from_the_combo_or_through_a_reroute(comfy_page, vue_nodes):
     from lycoris_core.blocks import architecture_blocks
 
     page = comfy_page
@@ -232,7 +272,7 @@ def test_weights_text_round_trips_through_the_nodes_parser(comfy_page):
             vector(text)
 
 
-def test_every_ui_workflow_gives_its_api_twin(comfy_page, web_server):
+def test_every_ui_workflow_gives_its_api_twin(comfy_page, vue_nodes, web_server):
     """example_workflows/<name>.json (UI) loads in the front-end and queues as <name>_api.json."""
     page = comfy_page
     object_info = web_server.object_info()

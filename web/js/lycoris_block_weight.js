@@ -8,7 +8,7 @@
 // that names the model file.
 
 import { app } from "../../scripts/app.js";
-import { addPanelWidget, addStyles, chainCallback, el, fetchCached, findWidget, fitNode, onDrawn } from "./lycoris_common.js";
+import { addPanelWidget, addStyles, chainCallback, el, fetchCached, findWidget, fitNode, watchNode } from "./lycoris_common.js";
 import { formatValue, formatWeights, idGroup, parseNamedWeights } from "./lycoris_weights_text.js";
 
 const NODE_CLASS = "LycorisBlockWeight";
@@ -117,7 +117,7 @@ class BlockWeightEditor {
 			onConnectionsChange?.apply(this.node, args);
 			setTimeout(() => this.sync(), 0);
 		};
-		onDrawn(this.node, () => this.sync());
+		watchNode(this.node, () => this.sync());
 		const onExecuted = this.node.onExecuted;
 		this.node.onExecuted = (message) => {
 			onExecuted?.call(this.node, message);

@@ -97,23 +97,33 @@ export function fitNode(node, minWidth = 0) {
 	node.setDirtyCanvas?.(true, true);
 }
 
-/** Run `check()` whenever the node is drawn, at most every `interval` ms: the one hook both front-ends
- * call for any change (a value set by a workflow load, a link made elsewhere) without an event of its own. */
-export function onDrawn(node, check, interval = 250) {
-	let last = 0;
-	const previous = node.onDrawForeground;
-	node.onDrawForeground = function (...args) {
-		const now = performance.now();
-		if (now - last >= interval) {
-			last = now;
-			try {
-				check();
-			} catch (error) {
-				console.error("[lycoris]", error);
-			}
+const WATCH_INTERVAL_MS = 250;
+const watched = new Set();
+let watchTimer = null;
+
+function runWatchers() {
+	for (const entry of watched) {
+		if (!entry.node.graph) continue; // between a removal and its onRemoved
+		try {
+			entry.check();
+		} catch (error) {
+			console.error("[lycoris]", error);
 		}
-		return previous?.apply(this, args);
+	}
+}
+
+/** Run `check()` every WATCH_INTERVAL_MS while the node is in a graph: the one way to see changes that
+ * come without an event of their own (a value set by code, a link made elsewhere) on both front-ends.
+ * It cannot hang on drawing: with Vue node rendering ("Nodes 2.0") the canvas never draws the node. */
+export function watchNode(node, check) {
+	const entry = { node, check };
+	watched.add(entry);
+	const onRemoved = node.onRemoved;
+	node.onRemoved = function (...args) {
+		watched.delete(entry);
+		return onRemoved?.apply(this, args);
 	};
+	watchTimer ??= setInterval(runWatchers, WATCH_INTERVAL_MS);
 }
 
 /** Call `after(value)` after the widget's own callback, whoever changes it (a menu, a workflow load). */
@@ -140,7 +150,7 @@ const STYLE = `
 .lycoris-blocks .lycoris-group { width: 34px; flex: none; color: var(--descrip-text, #999); font-weight: bold;
   padding-top: 11px; }
 .lycoris-blocks .lycoris-cell { display: flex; flex-direction: column; align-items: center; width: 40px; flex: none; }
-.lycoris-blocks .lycoris-cell span { font-size: 9px; color: var(--descrip-text, #999); line-height: 10px; }
+.lycoris-blocks .lycoris-cell span { font-size: 9px; color: var(--descrip-text, #999); line-height: 10px; height: 10px; }
 .lycoris-blocks input { width: 38px; box-sizing: border-box; padding: 1px 2px; font-size: 11px; text-align: right;
   background: var(--comfy-menu-bg, #353535); color: var(--input-text, #ddd); border: 1px solid var(--border-color, #4e4e4e);
   border-radius: 3px; -moz-appearance: textfield; }

@@ -4,7 +4,7 @@
 // loader's report (its "text" UI output) is shown under it.
 
 import { app } from "../../scripts/app.js";
-import { addPanelWidget, addStyles, chainCallback, el, fetchCached, findWidget, fitNode, onDrawn } from "./lycoris_common.js";
+import { addPanelWidget, addStyles, chainCallback, el, fetchCached, findWidget, fitNode, watchNode } from "./lycoris_common.js";
 
 const LOADERS = new Set(["LycorisLoader", "LycorisLoaderModelOnly"]);
 const LINE_HEIGHT = 15;
@@ -87,7 +87,7 @@ function addInfoPanel(node) {
 	};
 
 	chainCallback(nameWidget, refresh);
-	onDrawn(node, refresh);
+	watchNode(node, refresh);
 	const onExecuted = node.onExecuted;
 	node.onExecuted = function (message) {
 		onExecuted?.apply(this, arguments);
