@@ -12,7 +12,7 @@ from .cache import load_cached
 from .patching import apply_adapter_file
 
 CATEGORY = "loaders/lycoris"
-MODES = ["merge", "bypass"]
+MODES = ["auto", "merge", "bypass"]
 
 STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
 
@@ -84,16 +84,19 @@ class LycorisLoader:
                                              "negative values invert additive adapters, 0 leaves it untouched.")),
             "strength_clip": ("FLOAT", dict(STRENGTH, tooltip="How strongly to change the text encoder(s); "
                                             "0 leaves them untouched.")),
-            "mode": (MODES, {"default": "merge", "tooltip": "merge: ComfyUI patches the weights when it loads "
-                             "the model (exact, no per-step cost). bypass: the adapter runs beside each layer and "
-                             "the base weights are never changed (for fp8/GGUF/quantized models)."}),
+            "mode": (MODES, {"default": "auto", "tooltip": "auto: bypass on layers whose stored weight is "
+                             "quantized (fp8, int8, mxfp8, nvfp4, GGUF), merge on float layers; on a float model it "
+                             "is merge. merge: ComfyUI patches the weights when it loads the model (exact on float "
+                             "weights, no per-step cost; on quantized weights the change is rounded to the format). "
+                             "bypass: the adapter runs beside every Linear/Conv layer and the base weights are never "
+                             "changed."}),
         }, "optional": {
             "block_weights": ("STRING", {"default": "", "multiline": True, "tooltip": "Per-block strength: named "
                               "blocks (IN04=0.5, OUT*=0, D00-D18=1, TE=1), an Inspire or sd-webui LBW vector, or a "
                               "preset name (SD-ALL, INS, ...). Empty: every block at 1. A block at 0 is untouched."}),
         }}
 
-    def load(self, model, clip, lycoris_name, strength_model, strength_clip, mode="merge", block_weights=""):
+    def load(self, model, clip, lycoris_name, strength_model, strength_clip, mode="auto", block_weights=""):
         new_model, new_clip, text = load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mode,
                                                    block_weights)
         # the report also goes to the UI / the prompt history, where API users read it
@@ -115,6 +118,6 @@ class LycorisLoaderModelOnly:
         return {"required": {k: required[k] for k in ("model", "lycoris_name", "strength_model", "mode")},
                 "optional": types["optional"]}
 
-    def load(self, model, lycoris_name, strength_model, mode="merge", block_weights=""):
+    def load(self, model, lycoris_name, strength_model, mode="auto", block_weights=""):
         new_model, _, text = load_and_apply(model, None, lycoris_name, strength_model, 0.0, mode, block_weights)
         return {"ui": {"text": [text]}, "result": (new_model, text)}

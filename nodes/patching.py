@@ -1,22 +1,25 @@
-"""Apply a decoded adapter file to ComfyUI's MODEL and CLIP (merge mode) and report what it did.
+"""Apply a decoded adapter file to ComfyUI's MODEL and CLIP and report what it did.
 
-Patches go through `ModelPatcher.add_patches` on clones, so the inputs are never modified and
-ComfyUI keeps its lazy patching, low-VRAM and unpatch behaviour.
+Each layer is merged (a weight patch through `ModelPatcher.add_patches`, so ComfyUI keeps its lazy
+patching, low-VRAM and unpatch behaviour, and requantizes quantized weights itself) or bypassed
+(the adapter runs beside the layer, nodes/bypass.py), by the mode: "merge", "bypass", or "auto"
+(bypass where the stored weight is quantized, merge where it is float). Always on clones: the
+inputs are never modified. Layer shapes and kinds come from nodes/layers.py, never from
+`state_dict()` shapes (packed for GGUF and nvfp4).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
-import comfy.utils
-import torch
-
-from ..lycoris_core import AdapterFormatError, LayerGeometry
+from ..lycoris_core import AdapterFormatError
 from ..lycoris_core.algos.tlora import current_timestep
 from ..lycoris_core.matching import Coverage, TargetClaims, duplicate_line
 from ..lycoris_core.reader import trainer_notes
-from .bypass import BypassForward
+from .bypass import add_bypass
 from .key_map import build_key_map, is_text_encoder_module, resolve, target_key
+from .layers import geometry, is_weight_layer, logical_weight_shape, module_of, precision, stored_format
 from .patches import LAZY, diff_patch, embed_slice, lazy_patch
 
 
@@ -28,11 +31,16 @@ class LoadReport:
     skipped_text_encoder: list[str] = field(default_factory=list)
     bypass_dense: dict[str, int] = field(default_factory=dict)  # algo -> layers rebuilt every step
     bypassed: int = 0
+    bypassed_quantized: dict[str, int] = field(default_factory=dict)  # stored format -> layers bypassed
+    not_bypassed: list[str] = field(default_factory=list)  # layers bypass was asked for but cannot serve
+    merged_quantized: dict[str, int] = field(default_factory=dict)  # stored format -> layers merged into it
     targets: dict[str, str] = field(default_factory=dict)  # module -> "model" | "clip"
 
-    def count_bypass(self, adapter, geometry) -> None:
+    def count_bypass(self, adapter, layer_geometry, quantized: str | None) -> None:
         self.bypassed += 1
-        if adapter.bypass_is_dense(geometry):
+        if quantized:
+            self.bypassed_quantized[quantized] = self.bypassed_quantized.get(quantized, 0) + 1
+        if adapter.bypass_is_dense(layer_geometry):
             label = adapter.algo + ("+dora" if adapter.has_dora else "")
             self.bypass_dense[label] = self.bypass_dense.get(label, 0) + 1
 
@@ -51,19 +59,51 @@ class LoadReport:
             dense = ", ".join(f"{a} x{n}" for a, n in sorted(self.bypass_dense.items()))
             lines.append(f"bypass: {self.bypassed} layers run the adapter beside the layer"
                          + (f"; {sum(self.bypass_dense.values())} of them build a dense weight every step "
-                            f"(no factored form: {dense})" if dense else ""))
+                            f"(no factored form: {dense})" if dense else "")
+                         + (f"; on quantized weights: {_counts(self.bypassed_quantized)}"
+                            if self.bypassed_quantized else ""))
+        lines.extend(self.notes() + self.warnings())
         if self.skipped_text_encoder:
             lines.append(f"skipped: {len(self.skipped_text_encoder)} text-encoder modules (no CLIP input)")
         lines.extend(c.lines())
         return "\n".join(lines)
+
+    def warnings(self) -> list[str]:
+        """What the user may not expect: layers merged although bypass was asked for, and adapters
+        rounded into quantized weights."""
+        out = []
+        if self.not_bypassed:
+            shown = ", ".join(self.not_bypassed[:5]) + (", ..." if len(self.not_bypassed) > 5 else "")
+            out.append(f"warning: {len(self.not_bypassed)} layers cannot be bypassed (not a Linear/Conv "
+                       f"layer, a norm adapter, or rows ComfyUI reorders) and were merged instead: {shown}")
+        rounded = {f: n for f, n in self.merged_quantized.items() if not f.startswith("gguf")}
+        if rounded:
+            kept = "; ".join(f"{f} keeps {precision(f)}" for f in sorted(rounded))
+            out.append(f"warning: merged into quantized weights ({_counts(rounded)}): ComfyUI requantizes "
+                       f"each patched weight ({kept}), so a change smaller than a step is lost; use mode auto "
+                       "or bypass to keep it exact")
+        return out
+
+    def notes(self) -> list[str]:
+        """Facts about the merge that are not a loss."""
+        gguf = {f: n for f, n in self.merged_quantized.items() if f.startswith("gguf")}
+        if not gguf:
+            return []
+        return [f"merged into GGUF weights ({_counts(gguf)}): ComfyUI-GGUF applies the patch to the dequantised "
+                "weight at every step (exact, with a dense patch per layer per step)"]
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{name} x{n}" for name, n in sorted(counts.items()))
 
 
 def apply_adapter_file(model, clip, adapter_file, strength_model: float, strength_clip: float, mode: str = "merge",
                        block_weight=None):
     """(new model, new clip, LoadReport). A side with strength 0 (or None input) is left as is.
 
-    mode "merge": weight patches; "bypass": the adapters run in the forward of Linear/Conv
-    layers (norm and embedding layers are still merged: they are tiny and not quantized).
+    mode "merge": weight patches; "bypass": the adapters run in the forward of Linear/Conv-like
+    layers of any op class (other layers are merged, and the report lists them); "auto": bypass
+    on layers whose stored weight is quantized, merge on float ones.
     `block_weight(key) -> float` multiplies each layer's strength by its block's weight; a
     layer whose strength ends at 0 is left untouched (bit-identical).
 
@@ -88,7 +128,7 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
     # side -> strength handed to add_patches -> {patch key: value}
     patches: dict[str, dict[float, dict]] = {"model": {}, "clip": {}}
     bypassed: dict[str, list] = {"model": [], "clip": []}  # (module path, adapter, strength, offset)
-    owners = {"model": model, "clip": clip}
+    roots = {side: _patcher(owner).model for side, owner in (("model", model), ("clip", clip)) if owner is not None}
     claims = TargetClaims()
 
     for module, adapter in adapter_file.adapters.items():
@@ -117,14 +157,22 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
             coverage.duplicates.append(duplicate_line(module, key, applied, rows))
             continue
         try:
-            base = weights[key] if offset is None else weights[key].narrow(*offset)
-            adapter.check_weight(base.shape)
-            bypass = active and mode == "bypass" and reorder is None
-            layer = _bypassable_layer(owners[side], key, adapter) if bypass else None
-            if layer is not None:
+            layer = module_of(roots[side], key) if key.endswith(".weight") else None
+            shape = list(logical_weight_shape(layer) or weights[key].shape)
+            if offset is not None:
+                shape[offset[0]] = offset[2]
+            adapter.check_weight(tuple(shape))
+            quantized = stored_format(layer) if layer is not None else None
+            wants_bypass = active and (mode == "bypass" or (mode == "auto" and quantized is not None))
+            if wants_bypass and reorder is None and _bypassable(layer, adapter):
                 bypassed[side].append((key[: -len(".weight")], adapter, strength, offset))
-                report.count_bypass(adapter, LayerGeometry.of(layer))
+                report.count_bypass(adapter, geometry(layer), quantized)
             elif active:
+                if wants_bypass:
+                    report.not_bypassed.append(key)
+                if quantized is not None:
+                    report.merged_quantized[quantized] = report.merged_quantized.get(quantized, 0) + 1
+                base = None if LAZY else weights[key] if offset is None else weights[key].narrow(*offset)
                 _add(patches[side], adapter, target, key, offset, base, weights, strength, bias=False)
                 bias_key = key[: -len("weight")] + "bias" if key.endswith(".weight") else None
                 if adapter.changes_bias() and bias_key in weights:
@@ -159,8 +207,10 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
         for strength, group in patches[side].items():
             if group:
                 target_obj.add_patches(group, strength)
-        for path, adapter, strength, offset in bypassed[side]:
-            _add_bypass(_patcher(target_obj), path, adapter, strength, offset)
+        if bypassed[side]:
+            add_bypass(_patcher(target_obj), bypassed[side])
+    for line in report.warnings():
+        logging.warning("LyCORIS %s: %s", adapter_file.name, line)
     if any(adapter.algo == "tlora" for _, adapter, _, _ in bypassed["model"]):
         _publish_timestep(new_model)
     return new_model, new_clip, report
@@ -169,11 +219,14 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
 def _publish_timestep(patcher) -> None:
     """T-LoRA's rank mask follows the sampling step: wrap the model call so the current timestep
     (the sampler hands ComfyUI a sigma) is published before every step, keeping any wrapper
-    another node installed."""
+    another node installed. The sampling schedule is read from the model being run (a deep clone
+    runs its own), else from the model seen at load."""
     previous = patcher.model_options.get("model_function_wrapper")
-    sampling = patcher.model.model_sampling
+    loaded_sampling = patcher.model.model_sampling
 
     def wrapper(apply_model, args):
+        sampling = getattr(getattr(apply_model, "__self__", None), "model_sampling", None)
+        sampling = loaded_sampling if sampling is None else sampling
         current_timestep.value = float(sampling.timestep(args["timestep"]).reshape(-1)[0])
         if previous is not None:
             return previous(apply_model, args)
@@ -187,26 +240,10 @@ def _patcher(owner):
     return getattr(owner, "patcher", owner)
 
 
-def _bypassable_layer(owner, key: str, adapter):
-    """The Linear/Conv module whose weight is `key`, or None when bypass cannot serve it (norms,
-    embeddings, biases)."""
-    if adapter.algo == "norm" or not key.endswith(".weight"):
-        return None
-    try:
-        module = comfy.utils.get_attr(_patcher(owner).model, key[: -len(".weight")])
-    except AttributeError:
-        return None
-    return module if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) else None
-
-
-def _add_bypass(patcher, path: str, adapter, strength: float, offset) -> None:
-    name = f"{path}.forward"
-    current = patcher.object_patches.get(name)
-    if isinstance(current, BypassForward):
-        patcher.add_object_patch(name, current.extended(adapter, strength, offset))
-    else:
-        module = comfy.utils.get_attr(patcher.model, path)
-        patcher.add_object_patch(name, BypassForward(module, [(adapter, strength, offset)]))
+def _bypassable(layer, adapter) -> bool:
+    """Whether bypass can serve this adapter on this layer: a Linear/Conv-like layer of any op
+    class (norms, embeddings and norm-layer adapters are merged)."""
+    return layer is not None and adapter.algo != "norm" and is_weight_layer(layer)
 
 
 def _add(groups: dict, adapter, target, key, offset, base, weights, strength, bias: bool) -> None:

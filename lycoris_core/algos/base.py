@@ -63,17 +63,26 @@ class LayerGeometry:
     padding: tuple | str = (0, 0)
     dilation: tuple = (1, 1)
     groups: int = 1
+    weight_shape: tuple = ()  # the weight's logical shape where known (quantized storage may be packed)
 
     @property
     def linear(self) -> bool:
         return self.conv_dims == 0
 
     @classmethod
-    def of(cls, module) -> "LayerGeometry":
-        if isinstance(module, torch.nn.modules.conv._ConvNd):
-            dims = len(module.kernel_size)
-            return cls(dims, tuple(module.kernel_size), module.stride, module.padding, module.dilation, module.groups)
-        return cls()
+    def of(cls, module, weight_shape=None) -> "LayerGeometry":
+        """Duck-typed on torch's conv attributes, so any op class that keeps them (ComfyUI's
+        manual-cast and GGUF layers) is read the same; anything else is a Linear. The caller
+        may pass the weight's logical shape when the stored one is packed."""
+        if weight_shape is None:
+            weight = getattr(module, "weight", None)
+            weight_shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else ()
+        kernel = getattr(module, "kernel_size", None)
+        if kernel is not None:
+            kernel = tuple(kernel)
+            return cls(len(kernel), kernel, tuple(module.stride), module.padding, tuple(module.dilation),
+                       module.groups, tuple(weight_shape))
+        return cls(weight_shape=tuple(weight_shape))
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor, bias=None, *, plain: bool = False):
         """`op(x, weight)` for a Linear (2-D weight) or a Conv of any rank.

@@ -103,7 +103,10 @@ def test_bypass_mode_uses_the_same_block_weights(pack, setup):
     loader = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
     merged, _ = loader.load(model, path.name, 1.0, "merge", block_weights=text)["result"]
     bypassed, _ = loader.load(model, path.name, 1.0, "bypass", block_weights=text)["result"]
-    assert not any(".input_blocks." in k or ".middle_block." in k for k in bypassed.object_patches)
+    from lycoris_pack.nodes.bypass import bypassed_layers
+
+    layers = bypassed_layers(bypassed)
+    assert layers and not any(".input_blocks." in k or ".middle_block." in k for k in layers)
     torch.manual_seed(0)
     x, t, context = torch.randn(1, 4, 32, 32), torch.tensor([500.0]), torch.randn(1, 5, 64)
     outputs = [unet_output(patcher, x, t, context) for patcher in (merged, bypassed)]

@@ -44,39 +44,52 @@ def _dequantised_copy(patcher):
 def _run(patcher):
     torch.manual_seed(0)
     x, t, context = torch.randn(1, 4, 16, 16), torch.tensor([500.0]), torch.randn(1, 5, 64)
-    patcher.patch_model()
-    try:
-        with torch.no_grad():
+    with torch.no_grad():  # patched and run without autograd, as ComfyUI samples
+        patcher.patch_model()
+        try:
             return patcher.model.diffusion_model(x, t, context=context).float()
-    finally:
-        patcher.unpatch_model()
+        finally:
+            patcher.unpatch_model()
 
 
-@pytest.mark.parametrize("algo", ["lora", "lokr"])
+SD15_ALGOS = {
+    "lora": {"algo": "lora", "conv_dim": 4, "conv_alpha": 2},
+    "lokr": {"algo": "lokr", "factor": 4, "conv_dim": 4, "conv_alpha": 2},
+    "loha": {"algo": "loha", "conv_dim": 4, "conv_alpha": 2},
+    "oft": {"algo": "diag-oft"},
+    "dora": {"algo": "lora", "dora_wd": True, "conv_dim": 4, "conv_alpha": 2},
+    "ia3": {"algo": "ia3"},
+}
+
+
+@pytest.mark.parametrize("algo", list(SD15_ALGOS))
 def test_fp8_bypass_is_exact_where_merge_loses_the_delta(pack, tmp_path, algo):
+    """An SD1.5 UNet (Linear and Conv layers) stored in fp8 as UNETLoader's fp8 weight_dtype
+    stores it; reference: lycoris-lora's own forward on the dequantised weights."""
     _loras(tmp_path)
     model = tiny_sd15()
-    kwargs = {"factor": 4} if algo == "lokr" else {}
-    lycoris_file(model.model.diffusion_model, tmp_path / f"{algo}.safetensors", "lora_unet_", algo,
-                 conv_dim=4, conv_alpha=2, **kwargs)
     _to_fp8(model)
     stored = {k: v.clone() for k, v in model.model.state_dict().items()}
     reference_base = _dequantised_copy(model)
+    _, trained = lycoris_file(reference_base.model.diffusion_model, tmp_path / f"{algo}.safetensors", "lora_unet_",
+                              **SD15_ALGOS[algo])
     y_base = _run(reference_base)
-    y_ref = _run(_load(pack, reference_base, f"{algo}.safetensors", 1.0, "merge"))  # W_deq + dW in fp32
-    bypassed = _load(pack, model, f"{algo}.safetensors", 1.0, "bypass")
-    y_bypass = _run(bypassed)
-    for key, value in model.model.state_dict().items():  # after the run: bit-identical base weights
-        assert torch.equal(value.view(torch.uint8) if value.dtype.itemsize == 1 else value,
-                           stored[key].view(torch.uint8) if value.dtype.itemsize == 1 else stored[key]), key
-    y_merge = _run(_load(pack, model, f"{algo}.safetensors", 1.0, "merge"))
+    torch.manual_seed(0)
+    x, t, context = torch.randn(1, 4, 16, 16), torch.tensor([500.0]), torch.randn(1, 5, 64)
+    with torch.no_grad():
+        y_ref = trained(x, t, context=context).float()
     effect = (y_ref - y_base).norm()
-    bypass_error = float((y_bypass - y_ref).norm() / effect)
-    merge_error = float((y_merge - y_ref).norm() / effect)
-    print(f"{algo} fp8: bypass error {bypass_error:.2e}, merge-into-fp8 error {merge_error:.2e} "
-          "(relative to the adapter's effect on the output)")
-    assert bypass_error < 1e-4
-    assert merge_error > 10 * bypass_error
+    errors = {}
+    for mode in ("auto", "bypass", "merge"):
+        y = _run(_load(pack, model, f"{algo}.safetensors", 1.0, mode))
+        for key, value in model.model.state_dict().items():  # after the run: bit-identical base weights
+            assert torch.equal(value.view(torch.uint8) if value.dtype.itemsize == 1 else value,
+                               stored[key].view(torch.uint8) if value.dtype.itemsize == 1 else stored[key]), key
+        errors[mode] = float((y - y_ref).norm() / effect)
+    print(f"{algo} fp8 SD1.5: " + ", ".join(f"{m} error {e:.2e}" for m, e in errors.items())
+          + " (relative to the adapter's effect on the output)")
+    assert errors["auto"] < 1e-4 and errors["bypass"] < 1e-4
+    assert errors["merge"] > 10 * errors["bypass"]
 
 
 class QuantLinear(torch.nn.Linear):
@@ -139,6 +152,41 @@ def test_tlora_bypass_publishes_the_sampling_timestep(pack, tmp_path):
     wrapper(lambda x, t, **c: seen.append(current_timestep.value), {"input": None, "timestep": sigma, "c": {}})
     assert seen == [pytest.approx(float(model.model.model_sampling.timestep(sigma)[0]))]
     assert "model_function_wrapper" not in model.model_options  # the input model is untouched
+
+
+def test_a_layer_bypass_cannot_serve_is_reported_not_silently_merged(pack, tmp_path):
+    """A norm-layer adapter has no forward-side form: bypass merges it, and says so."""
+    _loras(tmp_path)
+    model = tiny_sd15()
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    norm = "lora_unet_input_blocks_1_1_norm"
+    to_q = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    save_file({f"{norm}.w_norm": torch.randn(32, generator=g) * 0.1, f"{norm}.b_norm": torch.randn(32, generator=g) * 0.1,
+               f"{to_q}.lora_up.weight": torch.randn(32, 4, generator=g), f"{to_q}.lora_down.weight": torch.randn(4, 32, generator=g)},
+              str(tmp_path / "norm.safetensors"))
+    node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
+    patched, report = node.load(model, "norm.safetensors", 1.0, "bypass")["result"]
+    assert "bypass: 1 layers run the adapter beside the layer" in report, report
+    assert "warning: 1 layers cannot be bypassed" in report and "input_blocks.1.1.norm.weight" in report, report
+    assert "diffusion_model.input_blocks.1.1.norm.weight" in patched.patches  # merged, as the report says
+
+
+def test_auto_on_a_float_model_is_merge(pack, tmp_path):
+    """Nothing is quantized: auto hands ComfyUI the same weight patches as merge, and no bypass."""
+    _loras(tmp_path)
+    model = tiny_sd15()
+    lycoris_file(model.model.diffusion_model, tmp_path / "lora.safetensors", "lora_unet_", "lora",
+                 conv_dim=4, conv_alpha=2)
+    node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
+    auto, report = node.load(model, "lora.safetensors", 1.0, "auto")["result"]
+    merged, _ = node.load(model, "lora.safetensors", 1.0, "merge")["result"]
+    from lycoris_pack.nodes.bypass import bypassed_layers
+
+    assert not bypassed_layers(auto) and "bypass:" not in report and "warning" not in report, report
+    assert auto.patches.keys() == merged.patches.keys() and auto.patches
+    assert torch.equal(_run(auto), _run(merged))
 
 
 @pytest.mark.parametrize("algo, kwargs", [

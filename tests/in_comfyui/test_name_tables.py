@@ -326,7 +326,10 @@ def test_reordered_rows_are_merged_even_in_bypass(pack, built, tmp_path):
     assert "2/2 modules matched" in report and "bypass: 1 layers" in report, report
     (patch,) = new_model.patches["diffusion_model.final_layer.adaLN_modulation.1.weight"]
     assert callable(patch[4]) and patch[4].__name__ == "swap_scale_shift"
-    assert list(new_model.object_patches) == ["diffusion_model.final_layer.linear.forward"]
+    from lycoris_pack.nodes.bypass import bypassed_layers
+
+    assert list(bypassed_layers(new_model)) == ["diffusion_model.final_layer.linear"]
+    assert "1 layers cannot be bypassed" in report and "final_layer.adaLN_modulation.1.weight" in report, report
 
 
 def test_lumina2_gqa_slices_patch_their_rows_through_comfyui(pack, tmp_path):
