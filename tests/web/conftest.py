@@ -20,7 +20,7 @@ for path in (HERE.parent, HERE, REPO / "scripts"):  # comfyui_runtime + e2e; com
 from e2e.conftest import e2e_models  # noqa: E402,F401  (the generated checkpoint and LoRAs)
 
 ARTIFACTS = REPO / "out" / "test_artifacts"
-NO_VUE_NODES = "the March-2024 front-end (pinned runtime) has no Vue node rendering (Nodes 2.0)"
+from comfy_browser import NO_VUE_NODES  # noqa: E402
 
 
 @pytest.fixture(scope="session")

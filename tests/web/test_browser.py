@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NO_VUE_NODES
+from comfy_browser import NO_VUE_NODES
 from make_ui_workflows import same_prompt
 
 REPO = Path(__file__).resolve().parents[2]
