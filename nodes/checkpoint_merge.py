@@ -17,12 +17,12 @@ from ..lycoris_core.blocks import architecture_blocks, detect_architecture
 from ..lycoris_core.keys import underscore_form
 from ..lycoris_core.matching import Coverage, layer_index
 from ..lycoris_core.merge import DTYPES, merge_files
-from ..lycoris_core.safe_io import SafetensorsReader, safe_output_path
+from ..lycoris_core.safe_io import SafetensorsReader
 from .cache import load_cached
 from .key_map import resolve
 from .loader import _adapter_path
 from .presets import user_presets
-from .utilities import NONE, ReportNode, _progress, _run, weighted_adapter_inputs
+from .utilities import NONE, ReportNode, _progress, _run, output_path, weighted_adapter_inputs
 
 UNET_PREFIX = "model.diffusion_model."
 
@@ -114,7 +114,7 @@ class LycorisMergeToCheckpoint(ReportNode):
         def work():
             adapters = [(load_cached(_adapter_path(name)), s) for name, s in chosen if name != NONE]
             blocks = checkpoint_block_weights(base, block_weights)
-            out = str(safe_output_path(folder_paths.get_folder_paths("checkpoints")[0], output_name))
+            out = output_path("checkpoints", output_name)
             coverages = merge_files(base, adapters, out, dtype=DTYPES.get(dtype), progress=_progress(),
                                     match=checkpoint_matcher(unet_key_map(base)),
                                     block_weight=None if blocks is None else blocks.weight_for_key)

@@ -3,6 +3,8 @@ to a new file there (sanitised name, atomic write, progress bar, report as text)
 
 from __future__ import annotations
 
+import os
+
 import comfy.utils
 import folder_paths
 
@@ -21,10 +23,16 @@ MODES = ["fixed", "energy", "ratio", "threshold", "quantile"]
 NONE = "none"
 
 
-def _output(name: str) -> str:
-    """Where a new adapter goes: the first loras folder, under a sanitised name."""
-    folder = folder_paths.get_folder_paths("loras")[0]
+def output_path(kind: str, name: str) -> str:
+    """Where a new file of `kind` ("loras", "checkpoints") goes: the first such folder, under a
+    sanitised name. The folder is created if missing (a fresh `--base-directory` has none yet)."""
+    folder = folder_paths.get_folder_paths(kind)[0]
+    os.makedirs(folder, exist_ok=True)
     return str(safe_output_path(folder, name))
+
+
+def _output(name: str) -> str:
+    return output_path("loras", name)
 
 
 def _progress():
