@@ -124,12 +124,6 @@ class LoKr(Adapter):
         w.view(a, b, c, d).addcmul_(w1.view(a, 1, c, 1), w2.view(1, b, 1, d), value=factor)
         return w
 
-    def bypass(self, x, y, weight, bias, geometry, strength=1.0, *, token=None, input_applied=False):
-        if self.has_dora or not geometry.linear:
-            return super().bypass(x, y, weight, bias, geometry, strength, token=token, input_applied=input_applied)
-        out = self.kron_forward(x, strength * self.scale)
-        return y.add_(out) if y.is_contiguous() else y + out
-
     def delta_forward(self, x, geometry, shape):
         """Linear: the Kronecker identity; convs: the dense delta, built once (see Adapter)."""
         if not geometry.linear:

@@ -381,3 +381,16 @@ def build_kohya(directory, algo: str = "lora") -> KohyaOracle:
     file = os.path.join(str(directory), f"kohya_{algo}.safetensors")
     net.save_weights(file, None, {"ss_network_module": "lycoris.kohya"})
     return KohyaOracle(file, bases, layers)
+
+
+def case_builder(directory, multipliers=MULTIPLIERS):
+    """`get(case_id)`: the built `OracleCase` of `CASES[case_id]`, built once in `directory`
+    (what a fixture hands its tests)."""
+    built: dict[str, OracleCase] = {}
+
+    def get(case_id: str) -> OracleCase:
+        if case_id not in built:
+            built[case_id] = build_case(CASES[case_id], directory, multipliers)
+        return built[case_id]
+
+    return get

@@ -33,15 +33,7 @@ CASES = ["lora", "locon", "locon_tucker", "loha", "loha_tucker", "lokr_f4", "lok
 
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("bypass_factored")
-    cache: dict = {}
-
-    def get(case_id):
-        if case_id not in cache:
-            cache[case_id] = lo.build_case(lo.CASES[case_id], directory, multipliers=STRENGTHS)
-        return cache[case_id]
-
-    return get
+    return lo.case_builder(tmp_path_factory.mktemp("bypass_factored"), multipliers=STRENGTHS)
 
 
 def run_layer(layer, x, entries, token):

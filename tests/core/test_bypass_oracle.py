@@ -27,15 +27,7 @@ NEEDS_NO_WEIGHT = {"lora", "locon", "loha", "lokr_f4", "lokr_default", "ia3_outp
 
 @pytest.fixture(scope="session")
 def oracle(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("bypass_oracle")
-    cache: dict = {}
-
-    def get(case_id):
-        if case_id not in cache:
-            cache[case_id] = lo.build_case(lo.CASES[case_id], directory)
-        return cache[case_id]
-
-    return get
+    return lo.case_builder(tmp_path_factory.mktemp("bypass_oracle"))
 
 
 @pytest.mark.parametrize("m", lo.MULTIPLIERS)

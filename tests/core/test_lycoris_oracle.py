@@ -39,15 +39,7 @@ def expected_algo(case_id: str, module: str) -> str:
 
 @pytest.fixture(scope="session")
 def oracle(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("lycoris_oracle")
-    cache: dict[str, lo.OracleCase] = {}
-
-    def get(case_id: str) -> lo.OracleCase:
-        if case_id not in cache:
-            cache[case_id] = lo.build_case(lo.CASES[case_id], directory)
-        return cache[case_id]
-
-    return get
+    return lo.case_builder(tmp_path_factory.mktemp("lycoris_oracle"))
 
 
 @pytest.fixture(scope="session")
