@@ -14,6 +14,7 @@ import comfy.lora
 
 from ..lycoris_core.keys import DIALECT_PREFIXES, strip_dialect_prefix
 from ..lycoris_core.name_tables import diffusers_targets
+from .layers import logical_weight_shape, module_of
 
 # Trainers that name the same module under different prefixes; ComfyUI maps some of them only.
 _EQUIVALENT_PREFIXES = ("lora_unet_", "lycoris_", "lora_transformer_", "lora_te_", "lora_te1_", "oft_unet_")
@@ -41,13 +42,22 @@ def _add_name_tables(key_map: dict, base_model) -> None:
     """The pack's diffusers tables for this model, under every trainer's prefix, where ComfyUI's
     own map has no entry (added before the underscore forms: a diffusers name must not lose to
     an original name that reads the same, e.g. Wan's `norm2`, which diffusers calls `norm3`)."""
-    shapes = {key: tuple(value.shape) for key, value in base_model.state_dict().items()}
-    for name, target in diffusers_targets(shapes).items():
+    for name, target in diffusers_targets(_logical_shapes(base_model)).items():
         flat = name.replace(".", "_")
         for prefix in _DIFFUSERS_DOTTED:
             key_map.setdefault(prefix + name, target)
         for prefix in _DIFFUSERS_FLAT:
             key_map.setdefault(prefix + flat, target)
+
+
+def _logical_shapes(base_model) -> dict:
+    """Weight key -> the shape the layer computes with: the tables cut fused rows by the layer's
+    input width, which GGUF and nvfp4 state dicts report packed."""
+    shapes = {}
+    for key, value in base_model.state_dict().items():
+        layer = module_of(base_model, key) if key.endswith(".weight") else None
+        shapes[key] = (logical_weight_shape(layer) if layer is not None else None) or tuple(value.shape)
+    return shapes
 
 
 def _add_underscore_forms(key_map: dict) -> None:
