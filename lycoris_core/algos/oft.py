@@ -122,9 +122,8 @@ class DiagOFT(Adapter):
             shift = b - self._rescaled(self.rotate_rows(b.reshape(-1, 1), rotation)).reshape(-1)
         if geometry.linear:
             out = self.rotate_channels_last(y, rotation, strength)
-        else:
-            channel = -1 if geometry.linear else 1
-            out = self._rescaled(self.rotate_rows(y.movedim(channel, 0), rotation)).movedim(0, channel)
+        else:  # convs: channels on dim 1
+            out = self._rescaled(self.rotate_rows(y.movedim(1, 0), rotation)).movedim(0, 1)
         return out if shift is None else out.add_(channel_view(shift, out, geometry.linear))
 
     def rotate_channels_last(self, y, rotation, strength):
