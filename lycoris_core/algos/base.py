@@ -19,6 +19,11 @@ from ..errors import AdapterFormatError
 
 COMPUTE_DTYPE = torch.float32
 
+# Bypass picks its form per call from a cost model in multiply-adds, where one read or write of
+# an element counts as PASS_COST of them: rank-16 adapter work is bound by memory traffic on
+# CPUs and GPUs alike (measured on this project's 2-core CPU: ~40; an H200 in bf16: ~200).
+PASS_COST = 48
+
 
 @dataclass
 class DecodeContext:
@@ -125,6 +130,7 @@ class Adapter:
     suffixes: ClassVar[tuple[str, ...]] = ()
     additive: ClassVar[bool] = True
     delta_uses_weight: ClassVar[bool] = False  # GLoRA, T-LoRA: the delta is a function of W
+    patch_is_forward: ClassVar[bool] = True  # False where the forward is not the merge (T-LoRA's per-step mask)
 
     def __init__(self, name: str, tensors: dict[str, torch.Tensor], context: DecodeContext):
         self.name = name
@@ -295,6 +301,20 @@ class Adapter:
         hit = self.__dict__.get("_bypass_cache", {}).get(slot)
         return hit is not None and hit[0] == key
 
+    def bypass_costs(self, shape: tuple) -> tuple[float, float]:
+        """(factored bypass cost per output position, patched-weight cost per call) for a layer
+        weight of `shape`, in multiply-adds (see PASS_COST); `patching_cheaper` compares them."""
+        out, inp = shape[0], math.prod(shape[1:])
+        per_token, per_call = self.factored_costs(out, inp)
+        if self.has_dora:  # a pass for the scale; the patch also takes the norms and scales W
+            per_token += PASS_COST * 2 * out
+            per_call += (1 + PASS_COST * 3) * out * inp
+        return per_token, per_call
+
+    def factored_costs(self, out: int, inp: int) -> tuple[float, float]:
+        """`bypass_costs` without DoRA. Default: the cached dense delta, an additive patch."""
+        return out * inp + PASS_COST * 2 * out, PASS_COST * 2 * out * inp
+
     def bypass_input_side(self, geometry: LayerGeometry, strength: float = 1.0) -> bool:
         """Whether the factored bypass transforms the layer's input (`bypass_input`) before the base
         forward. Callers that cannot re-run the base forward on it call `bypass` alone."""
@@ -434,6 +454,25 @@ class Adapter:
 def weight_token(weight: torch.Tensor):
     """Identity and version of a weight tensor: equal tokens mean unchanged values."""
     return (str(weight.device), weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
+
+
+def patching_cheaper(entries, tokens: int) -> bool:
+    """Whether patching a transient copy of the layer's (dequantised) weight, W' = merge(W), and
+    running the layer's op on it costs less this call than running the adapters factored beside
+    it for `tokens` output positions. `entries` is ((adapter, weight shape it patches), ...).
+
+    The patched form costs O(weight) per call whatever the tokens, the factored form O(tokens):
+    a 1024-px image step (thousands of tokens) patches, a 77-token text context does not."""
+    if not all(adapter.patch_is_forward for adapter, _ in entries):
+        return False
+    factored = patched = 0.0
+    for adapter, shape in entries:
+        per_token, per_call = adapter.bypass_costs(shape)
+        factored += tokens * per_token
+        patched += per_call
+    out, inp = entries[0][1][0], math.prod(entries[0][1][1:])
+    patched += PASS_COST * 2 * out * inp  # the fp32 working copy and the cast back
+    return patched < factored
 
 
 def plan_bypass(entries, geometry: LayerGeometry, token=None):

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import COMPUTE_DTYPE, Adapter, flat
+from .base import COMPUTE_DTYPE, PASS_COST, Adapter, flat
 from .oft import DiagOFT
 
 
@@ -162,18 +162,9 @@ class PeftBOFT(Adapter):
             out.append((rotations[i], perm))
         return out
 
-    def rotation_matrix(self) -> torch.Tensor:
-        """M = prod_i P_i blockdiag(R_i) P_i^T, later factors on the left."""
-        total = None
-        for rotations, perm in self.factor_rotations():
-            diag = torch.block_diag(*rotations)
-            if perm is not None:
-                diag = diag[perm][:, perm]  # P D P^T with P[j, perm[j]] = 1
-            total = diag if total is None else diag @ total
-        return total
-
-    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x M one butterfly factor at a time (last factor first), never the dense I x I matrix:
+    def rotate_input(self, x: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """x M (or x M^T), M = prod_i P_i blockdiag(R_i) P_i^T with later factors on the left,
+        one butterfly factor at a time, never the dense I x I matrix:
         x P D P^T gathers x by the inverse permutation, multiplies block-wise, gathers by P.
         The factors' rotations are built once per copy."""
         def build():
@@ -181,7 +172,9 @@ class PeftBOFT(Adapter):
 
         factors = self.cached("rotation", (x.dtype, x.device), build)
         lead = x.shape[:-1]
-        for rotations, perms in reversed(factors):
+        for rotations, perms in (factors if transposed else reversed(factors)):
+            if transposed:  # M^T = F_0^T ... F_(N-1)^T, F^T = P D^T P^T
+                rotations = rotations.transpose(-1, -2)
             u = x if perms is None else x[..., perms[0]]
             u = torch.einsum("...gi,gij->...gj", u.reshape(*lead, *rotations.shape[:2]), rotations)
             u = u.reshape(*lead, -1)
@@ -191,13 +184,18 @@ class PeftBOFT(Adapter):
     def patch(self, weight, strength=1.0, bias=None, inplace=False):
         self.check_weight(weight.shape)
         w = weight.to(COMPUTE_DTYPE)
-        rotated = (flat(w) @ self.rotation_matrix().T) * self.t("boft_s").reshape(-1, 1)
+        rotated = self.rotate_input(flat(w), transposed=True) * self.t("boft_s").reshape(-1, 1)  # W M^T, s
         rotated = rotated.reshape(w.shape)
         out = rotated if strength == 1 else w + strength * (rotated - w)
         return out, None if bias is None else bias.to(COMPUTE_DTYPE)
 
     def bypass_is_dense(self, geometry=None):
         return geometry is None or not geometry.linear
+
+    def factored_costs(self, out, inp):
+        factors, _, bs, _ = self.tensors["boft_R"].shape
+        per_token = factors * (bs + PASS_COST * 5) * inp + PASS_COST * 3 * out  # gathers, blocks; the scale
+        return per_token, factors * (bs + PASS_COST * 5) * out * inp
 
     def bypass_input_side(self, geometry, strength=1.0):
         return geometry.linear and strength == 1

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Adapter, flat
+from .base import PASS_COST, Adapter, flat
 
 KEYS = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
 
@@ -76,10 +76,14 @@ class GLoRA(Adapter):
 
     def delta(self, weight):
         a_down, a_up, b_down, b_up = self.factors()
-        a = flat(a_up) @ flat(a_down)  # (I, I)
-        w_a = torch.einsum("oi...,ij->oj...", weight, a)
+        # W A with A = a_up a_down (I x I) taken as its two rank-r factors: O*I*2r multiply-adds
+        w_a = ((weight.movedim(1, -1) @ flat(a_up)) @ flat(a_down)).movedim(-1, 1)
         b = (flat(b_up) @ flat(b_down)).reshape(weight.shape)
         return (w_a + b) * self.scale
+
+    def factored_costs(self, out, inp):
+        r = self.rank
+        return r * (3 * inp + out) + PASS_COST * (3 * inp + 2 * out), (3 * r + PASS_COST * 3) * out * inp
 
     def bypass_input_side(self, geometry, strength=1.0):
         return not self.has_dora

@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from .base import Adapter, COMPUTE_DTYPE, channel_view
+from .base import PASS_COST, Adapter, COMPUTE_DTYPE, channel_view
 
 
 def _axis_view(vector, weight, on_input):
@@ -55,6 +55,9 @@ class IA3(Adapter):
         w = weight.to(COMPUTE_DTYPE)
         w_new = w * _axis_view(self.factor(strength), w, self.on_input)
         return w_new, None if bias is None else bias.to(COMPUTE_DTYPE)
+
+    def factored_costs(self, out, inp):
+        return PASS_COST * 2 * (inp if self.on_input else out), (1 + PASS_COST * 2) * out * inp
 
     def bypass_input_side(self, geometry, strength=1.0):
         return self.on_input

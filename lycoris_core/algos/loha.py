@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Adapter, flat
+from .base import PASS_COST, Adapter, flat
 
 KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
@@ -99,6 +99,12 @@ class LoHa(Adapter):
         # W + m * (T1 * T2) in one pass over the weight (no full-size product kept)
         one, two = (half.reshape(w.shape) for half in self.halves())
         return w.addcmul_(one, two, value=factor) if inplace else torch.addcmul(w, one, two, value=factor)
+
+    def factored_costs(self, out, inp):
+        r1, r2 = self.tensors["hada_w1_b"].shape[0], self.tensors["hada_w2_b"].shape[0]
+        product = r1 * r2 * (inp + out) + PASS_COST * 2 * r1 * r2
+        per_token = min(product, out * inp) + PASS_COST * (inp + 2 * out)
+        return per_token, (r1 + r2 + 1 + PASS_COST * 5) * out * inp  # two halves, one addcmul
 
     def product_factors_cheaper(self, geometry, shape) -> bool:
         """Whether the rank-r1*r2 product form costs fewer multiply-adds per output position than

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Adapter, flat
+from .base import PASS_COST, Adapter, flat
 
 
 class LoKr(Adapter):
@@ -123,6 +123,12 @@ class LoKr(Adapter):
         (a, c), (b, d) = w1.shape, w2.shape
         w.view(a, b, c, d).addcmul_(w1.view(a, 1, c, 1), w2.view(1, b, 1, d), value=factor)
         return w
+
+    def factored_costs(self, out, inp):
+        w1 = self.tensors.get("lokr_w1")
+        a, c = w1.shape if w1 is not None else (self.tensors["lokr_w1_a"].shape[0], self.tensors["lokr_w1_b"].shape[1])
+        per_token = inp * (out // a) + out * c + PASS_COST * (inp + 3 * out)  # W2 on x's rows, then w1
+        return per_token, (1 + PASS_COST * 2) * out * inp  # one broadcast addcmul
 
     def delta_forward(self, x, geometry, shape):
         """Linear: the Kronecker identity; convs: the dense delta, built once (see Adapter)."""

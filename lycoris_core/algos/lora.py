@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Adapter, channel_view, flat
+from .base import PASS_COST, Adapter, channel_view, flat
 
 UP, DOWN, MID = "lora_up.weight", "lora_down.weight", "lora_mid.weight"
 
@@ -71,6 +71,10 @@ class LoRA(Adapter):
             flat(w).addmm_(up, down, alpha=alpha)
             return w
         return torch.addmm(flat(w), up, down, alpha=alpha).reshape(w.shape)
+
+    def factored_costs(self, out, inp):
+        r = self.rank
+        return r * (inp + out) + PASS_COST * (inp + 2 * out), (r + PASS_COST * 2) * out * inp
 
     def sparse_residual(self, shape):
         """Extraction tools' `bias_*` keys: a sparse residual of the weight delta, not a layer bias."""

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import COMPUTE_DTYPE, Adapter, channel_view, flat
+from .base import COMPUTE_DTYPE, PASS_COST, Adapter, channel_view, flat
 
 
 def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
@@ -106,6 +106,11 @@ class DiagOFT(Adapter):
 
     def bypass_needs_weight(self, geometry=None, *, token=None, input_applied=False, strength=1.0):
         return False
+
+    def factored_costs(self, out, inp):
+        blocks = self.tensors[self.blocks_key]
+        bs, stages = blocks.shape[-1], (blocks.shape[0] if blocks.dim() == 4 else 1)  # BOFT: butterfly stages
+        return stages * (bs + PASS_COST * 4) * out, stages * (bs + PASS_COST * 3) * out * inp
 
     def bypass_is_dense(self, geometry=None):
         return False
@@ -258,6 +263,10 @@ class PeftOFT(Adapter):
 
     def bypass_is_dense(self, geometry=None):
         return geometry is None or not geometry.linear
+
+    def factored_costs(self, out, inp):
+        bs = self.block_size
+        return bs * inp + PASS_COST * 3 * inp, (bs + PASS_COST * 3) * out * inp
 
     def bypass_input_side(self, geometry, strength=1.0):
         return geometry.linear

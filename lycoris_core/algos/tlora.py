@@ -42,6 +42,7 @@ def rank_mask(timestep, rank: int, min_rank: int = 1, alpha: float = 1.0) -> tor
 
 class TLoRA(Adapter):
     delta_uses_weight = True
+    patch_is_forward = False  # the merge has no timestep: its rank mask lives in the forward only
     algo = "tlora"
     suffixes = ("q_layer.weight", "p_layer.weight", "lambda_layer", "base_q", "base_p", "base_lambda")
 
