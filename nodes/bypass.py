@@ -9,15 +9,24 @@ Where the runtime has injections (`ModelPatcher.set_injections`) the plan is one
 (no injections, no re-instantiated models) get one object patch of `<path>.forward` per layer.
 Either way ComfyUI undoes it on unpatch. Stacking builds a new plan (previous entries plus the new
 ones), so clones stay independent.
+
+Each call runs in one of two forms, whichever the core's cost model says is cheaper for its
+token count: factored (the adapters' small products beside the layer's own forward: cost grows
+with tokens) or patched (on layers whose forward reads a dequantised copy of the weight anyway,
+the adapters are merged into that transient copy and the layer's op runs on it: cost per call,
+whatever the tokens). Both leave the stored weight untouched and give the merge's result.
 """
 
 from __future__ import annotations
 
+import math
+
 import comfy.utils
 import torch
+import torch.nn.functional as F
 
-from ..lycoris_core.algos.base import chain_inputs, plan_bypass, weight_token
-from .layers import geometry, is_quantized_tensor
+from ..lycoris_core.algos.base import COMPUTE_DTYPE, chain_inputs, patching_cheaper, plan_bypass, weight_token
+from .layers import computes_on_cast_weight, geometry, is_quantized_tensor
 
 try:
     from comfy.ops import cast_bias_weight
@@ -27,6 +36,11 @@ try:  # ComfyUI 0.28: casts hand back an offload handle that must be released (d
     from comfy.ops import uncast_bias_weight
 except ImportError:
     uncast_bias_weight = None
+
+try:  # ComfyUI 0.28: each layer op checks for an interrupt first
+    from comfy.ops import run_every_op
+except ImportError:
+    run_every_op = None
 
 try:  # ComfyUI >= 0.3.4x
     from comfy.patcher_extension import PatcherInjection
@@ -73,6 +87,7 @@ class BypassForward:
         self.previous = previous  # an instance-level forward this one wraps (another object patch)
         self.geometry = geometry(module)
         self._moved = {} if moved is None else moved  # device -> adapters there, shared by re-injections
+        self.patchable = previous is None and computes_on_cast_weight(module) and bool(self.geometry.weight_shape)
 
     def extended(self, adapter, strength: float, offset=None) -> "BypassForward":
         return BypassForward(self.module, self.entries + ((adapter, strength, offset),), self.previous)
@@ -87,6 +102,10 @@ class BypassForward:
 
     def __call__(self, x, *args, **kwargs):
         entries = self._adapters_on(x.device)
+        if self.patchable and not args and not kwargs and self._patching_cheaper(x, entries):
+            out = self._patched_forward(x, entries)
+            if out is not None:
+                return out
         token = _stored_weight_token(self.module)
         # input-side transforms (rotations, scales, GLoRA's x + a(x)) run before the base forward
         steps, needs_weight = plan_bypass([(a, m, offset is None) for a, m, offset in entries], self.geometry, token)
@@ -114,6 +133,53 @@ class BypassForward:
         finally:
             release()
         return y
+
+
+    def _patching_cheaper(self, x, entries) -> bool:
+        shape = self.geometry.weight_shape
+        if self.geometry.linear:
+            tokens = x.numel() // max(1, x.shape[-1])
+        else:  # output positions of the conv (stride shrinks them)
+            tokens = x.numel() // max(1, x.shape[1] * math.prod(self.geometry.stride))
+        parts = [(adapter, shape if offset is None else _rows(shape, offset)) for adapter, _, offset in entries]
+        return patching_cheaper(parts, tokens)
+
+    def _patched_forward(self, x, entries):
+        """The layer's op on W' = merge(W) for the weight it reads this call (a transient copy:
+        the stored weight is never written); None when the layer hands back no float weight."""
+        weight, bias, release = _layer_weights(self.module, x)
+        try:
+            if weight is None:
+                return None
+            if run_every_op is not None:
+                run_every_op()  # what the layer's own forward does first (honours interrupts)
+            w, b, owned = weight, bias, False
+            for adapter, strength, offset in entries:
+                if offset is None:
+                    w, b = adapter.patch(w, strength, b, inplace=owned)  # fp32; a new tensor unless owned
+                else:  # rows of a fused layer, patched where they lie in a copy of our own
+                    if not owned:
+                        w = w.to(COMPUTE_DTYPE, copy=True)
+                    dim, start, length = offset
+                    rows = w.narrow(dim, start, length)
+                    part = None if b is None or dim != 0 else b.narrow(0, start, length)
+                    new_rows, new_part = adapter.patch(rows, strength, part, inplace=True)
+                    if new_rows.data_ptr() != rows.data_ptr():
+                        rows.copy_(new_rows)
+                    if part is not None and adapter.changes_bias():
+                        b = b.to(COMPUTE_DTYPE, copy=True)
+                        b.narrow(0, start, length).copy_(new_part)
+                owned = True
+            w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+            conv = getattr(self.module, "_conv_forward", None)
+            return conv(x, w, b) if conv is not None and not self.geometry.linear else F.linear(x, w, b)
+        finally:
+            release()
+
+
+def _rows(shape, offset):
+    dim, _, length = offset
+    return tuple(length if i == dim else n for i, n in enumerate(shape))
 
 
 def _stored_weight_token(module):

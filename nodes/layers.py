@@ -10,6 +10,7 @@ question goes through here. Everything is duck-typed on the conventions those op
 
 from __future__ import annotations
 
+import comfy.ops
 import comfy.utils
 import torch
 
@@ -91,6 +92,31 @@ def is_weight_layer(module) -> bool:
     if kernel is not None:
         return len(shape) == 2 + len(tuple(kernel))
     return hasattr(module, "in_features") and hasattr(module, "out_features") and len(shape) == 2
+
+
+# ComfyUI's "cast the weight, then the torch op" forwards (its plain and manual-cast layers)
+_COMFY_LAYERS = [getattr(comfy.ops.disable_weight_init, name) for name in ("Linear", "Conv1d", "Conv2d", "Conv3d")
+                 if hasattr(comfy.ops.disable_weight_init, name)]
+_CAST_FORWARDS = {layer.forward_comfy_cast_weights for layer in _COMFY_LAYERS}
+_FORWARDS = {layer.forward for layer in _COMFY_LAYERS} | {
+    torch.nn.Linear.forward, torch.nn.Conv1d.forward, torch.nn.Conv2d.forward, torch.nn.Conv3d.forward}
+
+
+def computes_on_cast_weight(module) -> bool:
+    """Whether the layer's forward is "read the weight in the input's dtype (dequantising it),
+    then F.linear / the conv": torch's layers, ComfyUI's plain and manual-cast layers, GGUF's
+    layers. Bypass may then run that op on a patched copy of the weight it reads instead, and
+    loses no kernel. Layers with their own matmul (fp8 scaled-mm ops, QuantizedTensor layers
+    with int8/fp8/fp4 kernels) keep their forward."""
+    if is_quantized_tensor(getattr(module, "weight", None)) or getattr(module, "padding_mode", "zeros") != "zeros":
+        return False
+    cls = type(module)
+    if cls.forward not in _FORWARDS:
+        return False
+    if callable(getattr(cls, "forward_ggml_cast_weights", None)) and callable(getattr(cls, "cast_bias_weight", None)):
+        return True  # ComfyUI-GGUF: dequantise, then the torch op
+    own = getattr(cls, "forward_comfy_cast_weights", None)
+    return own is None or own in _CAST_FORWARDS
 
 
 def geometry(module) -> LayerGeometry:

@@ -31,3 +31,24 @@ def comfy(comfy_root):
 def pack(comfy_root):
     """This repository imported as ComfyUI imports a custom node package."""
     return import_pack()
+
+
+@pytest.fixture
+def bypass_form(pack, monkeypatch):
+    """`bypass_form(form)` pins bypass to one form for the test: "factored" (beside the layer),
+    "patched" (a patched copy of the weight the layer reads, on layers whose forward dequantises)
+    or "cost" (the cost model's choice). Returns the list of layers each patched-form call ran."""
+    import importlib
+
+    module = importlib.import_module(f"{pack.__name__}.nodes.bypass")
+
+    def pin(form):
+        if form != "cost":
+            monkeypatch.setattr(module, "patching_cheaper", lambda entries, tokens: form == "patched")
+        calls = []
+        real = module.BypassForward._patched_forward
+        monkeypatch.setattr(module.BypassForward, "_patched_forward",
+                            lambda self, x, entries: calls.append(self.module) or real(self, x, entries))
+        return calls
+
+    return pin

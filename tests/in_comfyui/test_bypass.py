@@ -62,11 +62,15 @@ SD15_ALGOS = {
 }
 
 
+@pytest.mark.parametrize("form", ["cost", "factored", "patched"])
 @pytest.mark.parametrize("algo", list(SD15_ALGOS))
-def test_fp8_bypass_is_exact_where_merge_loses_the_delta(pack, tmp_path, algo):
+def test_fp8_bypass_is_exact_where_merge_loses_the_delta(pack, tmp_path, bypass_form, algo, form):
     """An SD1.5 UNet (Linear and Conv layers) stored in fp8 as UNETLoader's fp8 weight_dtype
-    stores it; reference: lycoris-lora's own forward on the dequantised weights."""
+    stores it; reference: lycoris-lora's own forward on the dequantised weights. Each bypass
+    form alone, and the cost model's mix (here: patched on the 256-token image layers,
+    factored on the 5-token context ones)."""
     _loras(tmp_path)
+    patched_calls = bypass_form(form)
     model = tiny_sd15()
     _to_fp8(model)
     stored = {k: v.clone() for k, v in model.model.state_dict().items()}
@@ -90,6 +94,10 @@ def test_fp8_bypass_is_exact_where_merge_loses_the_delta(pack, tmp_path, algo):
           + " (relative to the adapter's effect on the output)")
     assert errors["auto"] < 1e-4 and errors["bypass"] < 1e-4
     assert errors["merge"] > 10 * errors["bypass"]
+    assert bool(patched_calls) == (form != "factored")
+    if form == "cost":  # the context's k/v see 5 tokens: those stay factored
+        context_kv = [m for n, m in model.model.diffusion_model.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
+        assert context_kv and not any(any(m is c for c in context_kv) for m in patched_calls)
 
 
 class QuantLinear(torch.nn.Linear):
@@ -196,12 +204,14 @@ def test_auto_on_a_float_model_is_merge(pack, tmp_path):
     ("loha", {"algo": "loha"}),
     ("diag-oft", {"algo": "diag-oft", "linear_alpha": 0, "conv_alpha": 0}),
 ])
-def test_fp8_factored_bypass_reads_the_weight_at_most_once(pack, tmp_path, monkeypatch, algo, kwargs):
-    """DoRA dequantises a layer's weight on the first step only (its scale is kept per weight);
-    GLoRA, LoHa and OFT never do. Both steps equal the merge into the dequantised weights."""
+def test_fp8_factored_bypass_reads_the_weight_at_most_once(pack, tmp_path, monkeypatch, bypass_form, algo, kwargs):
+    """In its factored form, DoRA dequantises a layer's weight on the first step only (its scale
+    is kept per weight); GLoRA, LoHa and OFT never do. Both steps equal the merge into the
+    dequantised weights."""
     import importlib
 
     _loras(tmp_path)
+    bypass_form("factored")
     model = tiny_sd15()
     kwargs = dict(kwargs)
     lycoris_file(model.model.diffusion_model, tmp_path / f"{algo}.safetensors", "lora_unet_", kwargs.pop("algo"),

@@ -159,6 +159,27 @@ def test_every_mode_on_quantized_weights(pack, formats, fmt, algo):
         assert error <= tolerance, f"{fmt} {algo} {mode}: error {error:.2e} > {tolerance:.2e}\n{report}"
 
 
+@pytest.mark.parametrize("algo", list(ALGOS) + ["diffusers"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_patched_form_on_quantized_weights(pack, formats, bypass_form, fmt, algo):
+    """Bypass's patched form (the adapter merged into the transient weight the layer dequantises
+    for its op) runs where the layer computes on a cast weight (UNETLoader's fp8, GGUF) and is as
+    exact as the factored one; QuantizedTensor layers keep their own kernels, hence the factored
+    form. The stored bytes never change."""
+    calls = bypass_form("patched")
+    q = formats(fmt)
+    name, y_ref = diffusers_file(q) if algo == "diffusers" else trainer_file(q, algo)
+    stored = stored_bytes(q.model)
+    patched, report = load(pack, q.model, name, 1.0, "bypass")
+    y = run(patched, check=lambda: assert_stored_unchanged(q.model, stored, True))
+    assert_stored_unchanged(q.model, stored)
+    FIGURES[(fmt, algo, "patched")] = error = q.error(y, y_ref)
+    assert error <= q.tolerance(y_ref), f"{fmt} {algo}: error {error:.2e}\n{report}"
+    casts_weight = fmt == "fp8_e4m3fn" or fmt.startswith("gguf")
+    quantized_calls = [m for m in calls if m.weight.dtype.itemsize == 1 or hasattr(m.weight, "tensor_type")]
+    assert bool(quantized_calls) == casts_weight, (fmt, len(calls))
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_two_stacked_loaders_both_apply(pack, formats, fmt):
     q = formats(fmt)
