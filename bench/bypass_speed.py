@@ -2,9 +2,12 @@
 plain forward, side by side in one process (target: ratio <= 1.10 at rank 16).
 
 The plain forward is what a quantized layer does: dequantise the stored weight (fp32, or fp8
-e4m3 stored) and matmul. The bypassed forward does what nodes/bypass.py does each step: read the
-weight only when an adapter asks for it on this call (DoRA reads it once, then keeps its
-per-channel scale), run input-side transforms, the base forward, then the adapter.
+e4m3 stored) and matmul. The bypassed forward does what nodes/bypass.py does each step, in the
+form the core's cost model picks for the call's tokens (or the one `--form` pins):
+  factored: read the weight only when an adapter asks for it (DoRA reads it once, then keeps
+    its per-channel scale), run input-side transforms, the base forward, then the adapter;
+  patched:  merge the adapter into the dequantised copy the layer reads anyway, then matmul.
+A cell marked "p" ran patched.
 
 Layers: SDXL-shaped (attention 640/1280, cross-attention k/v from the 2048-wide context,
 feed-forward 5120x1280) and Flux-shaped (3072x3072, 12288x3072), with the tokens of one
@@ -13,6 +16,7 @@ rank 16 (LoHa: r1 = r2 = 16, i.e. an effective rank of 256; OFT/BOFT: blocks of 
 
     .venv/bin/python bench/bypass_speed.py [--repeats 5] [--threads 2] [--tokens-scale 0.25]
         [--algos lora,loha] [--layers sdxl|flux|all] [--device cpu] [--dtypes fp32,fp8]
+        [--form cost|factored|patched]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from lycoris_core import LayerGeometry  # noqa: E402
 from lycoris_core.algos import BOFT, IA3, DecodeContext, DiagOFT, GLoRA, LoHa, LoKr, LoRA, PeftBOFT, PeftOFT  # noqa: E402
-from lycoris_core.algos.base import chain_inputs, plan_bypass, weight_token  # noqa: E402
+from lycoris_core.algos.base import chain_inputs, patching_cheaper, plan_bypass, weight_token  # noqa: E402
 
 RANK = 16
 LAYERS = {  # name: (out, in, tokens)
@@ -111,8 +115,17 @@ class Layer:
     def forward(self, x):
         return F.linear(x, self.dequantised(x), self.bias)
 
-    def bypassed(self, x, adapter, strength, geometry):
+    def patches(self, x, adapter, form):
+        """Whether BypassForward would run this call patched."""
+        if form != "cost":
+            return form == "patched"
+        return patching_cheaper([(adapter, tuple(self.stored.shape))], x.numel() // x.shape[-1])
+
+    def bypassed(self, x, adapter, strength, geometry, form="cost"):
         """nodes/bypass.py's BypassForward.__call__ for one adapter."""
+        if self.patches(x, adapter, form):
+            w, b = adapter.patch(self.dequantised(x), strength, self.bias)
+            return F.linear(x, w.to(x.dtype), b.to(x.dtype))
         token = weight_token(self.stored)
         steps, needs = plan_bypass([(adapter, strength, True)], geometry, token)
         weight = self.dequantised(x) if needs else None
@@ -147,6 +160,7 @@ def main():
     parser.add_argument("--layers", default="all", choices=["sdxl", "flux", "all"])
     parser.add_argument("--dtypes", default="fp32,fp8")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--form", default="cost", choices=["cost", "factored", "patched"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -160,6 +174,7 @@ def main():
     header = f"{'layer':18s} {'tokens':>6s} {'weight':6s} {'plain ms':>9s} " + " ".join(f"{a:>9s}" for a in algos)
     print(header)
     ratios = {(a, d): [] for a in algos for d in args.dtypes.split(",")}
+    totals = {key: [0.0, 0.0] for key in ratios}  # (bypassed, plain) seconds summed over the layers
     for name, out, inp, tokens in layers:
         tokens = max(1, int(tokens * args.tokens_scale))
         weight = torch.randn(out, inp, generator=g) * 0.02
@@ -170,17 +185,24 @@ def main():
             layer = Layer(weight.to(device), bias, stored[dtype_name])
             with torch.no_grad():
                 fns = [lambda: layer.forward(x)] + [
-                    (lambda a=a: layer.bypassed(x, adapters[a], 1.0, geometry)) for a in algos]
+                    (lambda a=a: layer.bypassed(x, adapters[a], 1.0, geometry, args.form)) for a in algos]
                 plain, *bypass = timed(fns, args.repeats)
             cells = []
             for a, t in zip(algos, bypass):
                 ratios[(a, dtype_name)].append(t / plain)
-                cells.append(f"{t / plain:8.3f}x")
+                totals[(a, dtype_name)][0] += t
+                totals[(a, dtype_name)][1] += plain
+                mark = "p" if layer.patches(x, adapters[a], args.form) else "x"
+                cells.append(f"{t / plain:8.3f}{mark}")
             print(f"{name:18s} {tokens:6d} {dtype_name:6s} {plain * 1e3:9.2f} " + " ".join(cells), flush=True)
     print("\ngeometric mean over layers")
     for dtype_name in args.dtypes.split(","):
         cells = [f"{math.exp(statistics.mean(map(math.log, ratios[(a, dtype_name)]))):8.3f}x" for a in algos]
         print(f"{'all':18s} {'':6s} {dtype_name:6s} {'':9s} " + " ".join(cells))
+    print("time of all layers together (bypassed / plain)")
+    for dtype_name in args.dtypes.split(","):
+        cells = [f"{totals[(a, dtype_name)][0] / totals[(a, dtype_name)][1]:8.3f}x" for a in algos]
+        print(f"{'sum':18s} {'':6s} {dtype_name:6s} {'':9s} " + " ".join(cells))
     print(f"\nLoHa at rank {RANK} (r1 = r2): the rank-{RANK * RANK} product form or the dense delta built once, "
           "whichever has fewer multiply-adds per token; extra memory kept per layer (fp32):")
     for name, out, inp, _ in layers:

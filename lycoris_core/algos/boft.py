@@ -70,27 +70,78 @@ class BOFT(DiagOFT):
     def rotate_rows(self, rows, rotation):
         return _butterfly(rows, rotation)
 
-    def rotate_channels_last(self, y, rotation, strength):
-        """Stages 0..s-1 act within contiguous chunks of C = 2^(s-1) * bs channels, so they are
-        multiplied out once into (O/C, C, C) blocks (C <= COMPOSED_BLOCK) and applied in one
-        pass; the later stages run one by one. Then the rescale."""
-        def build():
-            stages, groups, size, _ = rotation.shape
-            lead = 1
-            while lead < stages and 2 ** lead * size <= COMPOSED_BLOCK:
-                lead += 1
-            chunk = 2 ** (lead - 1) * size
-            channels = groups * size
-            eye = torch.eye(chunk, dtype=rotation.dtype, device=rotation.device).repeat(channels // chunk, 1)
-            blocks = _butterfly(eye, rotation[:lead]).reshape(channels // chunk, chunk, chunk)
-            return blocks.transpose(1, 2).contiguous(), lead
+    def patch(self, weight, strength=1.0, bias=None, inplace=False):
+        """The rows of W rotated by the composed stages (see `rotate_channels_last`): each column
+        of W is a vector over the output channels."""
+        self.check_weight(weight.shape)
+        w = weight.to(COMPUTE_DTYPE)
+        columns = flat(w).T  # (I*k, O)
+        out = self.rotate_channels_last(columns, None, strength).T.reshape(w.shape)
+        return out, None if bias is None else bias.to(COMPUTE_DTYPE)
 
-        blocks, lead = self.cached("composed", (strength, y.dtype, y.device), build)
-        n, chunk, _ = blocks.shape
-        out = torch.einsum("...ni,nij->...nj", y.reshape(*y.shape[:-1], n, chunk), blocks).reshape(y.shape)
-        out = _butterfly_last(out, rotation[lead:], lead)
+    def rotate_channels_last(self, y, rotation, strength):
+        """`rotate_rows` then rescale on the last dim of `y`, with the stages multiplied out in
+        groups: stages p..q-1 mix a channel's lowest bs/2 digit and its bits p..q-1 above it, so
+        together they are one block-diagonal product over 2^(q-p) * bs/2 channels (up to
+        COMPOSED_BLOCK), applied after a reshape that gathers each block (none for the first
+        group). One pass per group instead of three per stage; the rescale is folded into the
+        last group. Built once per copy and strength (`rotation`: R_m, computed when None)."""
+        def build():
+            r = (rotation if rotation is not None else self.rotation(strength)).to(COMPUTE_DTYPE)
+            return [(p, q, blocks.to(y.dtype)) for p, q, blocks in self._composed_groups(r)]
+
+        out, half = y, self.tensors["oft_blocks"].shape[-1] // 2
+        for p, q, blocks in self.cached("composed", (strength, y.dtype, y.device), build):
+            grouped = _group_channels(out, p, q, half)
+            grouped = torch.einsum("...bj,bji->...bi", grouped, blocks)
+            out = _ungroup_channels(grouped, p, q, half)
+        return out
+
+    def _composed_groups(self, rotation):
+        """[(p, q, blocks (n, C, C) transposed for `...bj,bji`)]: consecutive stages grouped while
+        a block stays within COMPOSED_BLOCK channels; each group's blocks read off by running its
+        stages on one basis vector per block position (blocks never interact within a group)."""
+        stages, _, size, _ = rotation.shape
+        half, channels = size // 2, rotation.shape[1] * size
+        bounds, p = [], 0
+        while p < stages:
+            q = p + 1
+            while q < stages and half * 2 ** (q + 1 - p) <= COMPOSED_BLOCK:
+                q += 1
+            bounds.append((p, q))
+            p = q
         rescale = self.t("rescale")
-        return out if rescale is None else out.mul_(rescale.to(out.dtype).reshape(-1))
+        groups = []
+        for p, q in bounds:
+            chunk = half * 2 ** (q - p)
+            c = torch.arange(channels, device=rotation.device)
+            position = c % half + half * ((c // half >> p) % 2 ** (q - p))  # j of each channel in its block
+            basis = (position[None, :] == torch.arange(chunk, device=rotation.device)[:, None]).to(rotation.dtype)
+            out = _butterfly_last(basis, rotation[p:q], p)  # (j, channel): column j of every block
+            if q == stages and rescale is not None:
+                out = out * rescale.to(out.dtype).reshape(1, -1)
+            blocks = _group_channels(out, p, q, half)  # (j, n, i)
+            groups.append((p, q, blocks.permute(1, 0, 2).contiguous()))  # (n, j, i)
+        return groups
+
+
+def _group_channels(y, p, q, half):
+    """The last dim of `y` as (blocks, channels in block) for butterfly stages p..q-1: a channel
+    c = u + half * (bits), u < half, belongs to the block of its bits outside p..q-1, at position
+    u + half * (its bits p..q-1)."""
+    channels = y.shape[-1]
+    inner, outer = 2 ** (q - p), channels // (half * 2 ** q)
+    view = y.reshape(*y.shape[:-1], outer, inner, 2 ** p, half).transpose(-3, -2)
+    return view.reshape(*y.shape[:-1], outer * 2 ** p, inner * half)
+
+
+def _ungroup_channels(grouped, p, q, half):
+    """The inverse of `_group_channels`."""
+    lead = grouped.shape[:-2]
+    channels = grouped.shape[-1] * grouped.shape[-2]
+    inner, outer = 2 ** (q - p), channels // (half * 2 ** q)
+    view = grouped.reshape(*lead, outer, 2 ** p, inner, half).transpose(-3, -2)
+    return view.reshape(*lead, channels)
 
 
 def _butterfly_permutation(n: int, blocks: int, half: int) -> torch.Tensor:

@@ -201,6 +201,30 @@ def test_lycoris_bypass_matches_forward(case_id, lycoris_files):
     print(f"{case_id}: bypass max rel err {worst:.1e}")
 
 
+@pytest.mark.parametrize("composed_block", [4, 8, 16])
+@pytest.mark.parametrize("case_id", ["boft", "boft_rescaled_constraint"])
+def test_lycoris_boft_stage_groups_match_forward(case_id, composed_block, lycoris_files, monkeypatch):
+    """BOFT multiplies its butterfly stages out in groups of blocks up to COMPOSED_BLOCK channels;
+    small limits force several groups (every stage alone at 4), each gathered by its own
+    reshape: merge and bypass still equal the trainer's forward."""
+    import lycoris_core.algos.boft as boft
+
+    monkeypatch.setattr(boft, "COMPOSED_BLOCK", composed_block)
+    case = lycoris_files(case_id)
+    stages = set()
+    for name, adapter in decoded(case).items():
+        layer, x, y_base, outputs = case["layers"][name]
+        bias = None if layer.bias is None else layer.bias.detach()
+        for m, y_oracle in outputs.items():
+            w, b = adapter.patch(layer.weight.detach(), m, bias)
+            assert rel_error(run_layer(layer, x, w, b), y_oracle, y_base) <= TOL, (name, m)
+            out = adapter.bypass(x, y_base.clone(), None, bias, LayerGeometry.of(layer), m)
+            assert rel_error(out, y_oracle, y_base) <= TOL, (name, m)
+        _, groups = adapter.__dict__["_bypass_cache"]["composed"]  # (key, groups) of the last call
+        stages.add(tuple((p, q) for p, q, _ in groups))
+    assert any(len(g) > 1 for g in stages), stages  # the limit did split the stages
+
+
 def test_lycoris_rank_and_detection(lycoris_files):
     case = lycoris_files("boft_rescaled_constraint")
     tensors = load_file(case["path"])
