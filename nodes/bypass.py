@@ -134,7 +134,6 @@ class BypassForward:
             release()
         return y
 
-
     def _patching_cheaper(self, x, entries) -> bool:
         shape = self.geometry.weight_shape
         if self.geometry.linear:
