@@ -20,7 +20,7 @@ from .base import COMPUTE_DTYPE, PASS_COST, Adapter, flat
 from .oft import DiagOFT
 
 
-COMPOSED_BLOCK = 128  # leading stages are multiplied out into dense blocks up to this size
+COMPOSED_BLOCK = 128  # consecutive butterfly stages are multiplied out into dense blocks up to this size
 
 
 def _butterfly_last(y: torch.Tensor, rotations: torch.Tensor, first_stage: int) -> torch.Tensor:

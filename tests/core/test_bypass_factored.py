@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lycoris_oracle as lo  # noqa: E402
 
 from lycoris_core import LayerGeometry, load_adapter_file  # noqa: E402
-from lycoris_core.algos.base import DecodeContext, chain_inputs, plan_bypass, weight_token  # noqa: E402
+from lycoris_core.algos.base import DecodeContext, chain_inputs, patching_cheaper, plan_bypass, weight_token  # noqa: E402
 from lycoris_core.algos.boft import PeftBOFT  # noqa: E402
 from lycoris_core.algos.oft import PeftOFT  # noqa: E402
 
@@ -67,6 +67,28 @@ def test_factored_bypass_reproduces_the_trainers_forward(oracle, case_id):
             torch.testing.assert_close(again, first, rtol=0, atol=0)
             errors[(path, m)] = lo.rel_error(first, record.y[m], record.y_base) * min(1.0, abs(m))
     assert max(errors.values()) <= TOL, f"{case_id}: {errors}"
+
+
+@pytest.mark.parametrize("case_id", CASES)
+def test_bypass_form_follows_the_token_count(oracle, case_id):
+    """The cost model keeps a one-token call factored and patches the weight for a call with a
+    million tokens, for every family and layer kind; T-LoRA (whose forward masks ranks per step,
+    unlike its merge) never patches."""
+    oc = oracle(case_id)
+    adapters = load_adapter_file(oc.path).adapters
+    for record in oc.layers.values():
+        entries = [(adapters[record.lora_name], tuple(record.base_layer.weight.shape))]
+        assert not patching_cheaper(entries, 1), case_id
+        assert patching_cheaper(entries, 10**6), case_id
+        assert not patching_cheaper(entries * 2, 1) and patching_cheaper(entries * 2, 10**6)
+
+
+def test_tlora_never_patches(oracle):
+    oc = oracle("tlora")
+    adapters = load_adapter_file(oc.path).adapters
+    for record in oc.layers.values():
+        adapter = adapters[record.lora_name]
+        assert adapter.algo == "tlora" and not patching_cheaper([(adapter, tuple(record.base_layer.weight.shape))], 10**6)
 
 
 def test_dora_scale_is_recomputed_when_the_weight_changes(oracle):
