@@ -243,3 +243,32 @@ def test_dynamic_vram_steps_that_run_on_the_cpu(pack, tmp_path, case):
     for key, patches in patcher.patches.items():
         assert comfy.lora.calculate_shape(patches, weights[key], key) == weights[key].shape, key
     _check_staged(patcher, sorted(patcher.patches))
+
+
+@pytest.mark.parametrize("form", ["factored", "patched"])
+@pytest.mark.parametrize("case", ["loha", "dora", "diag_oft"])
+def test_bypass_over_a_partial_load_equals_the_full_load(pack, tmp_path, bypass_form, form, case):
+    """A merged adapter that a partial load leaves to the forward (its LowVramPatch in the layer's
+    weight_function) under a bypassed LoRA: bypass reads the weight through the layer's own cast,
+    with the merge applied, in both of its forms."""
+    calls = bypass_form(form)
+    merged = _sd15_case(pack, tmp_path, case)
+    lycoris_file(tiny_sd15().model.diffusion_model, tmp_path / "loras" / "bypassed.safetensors", "lora_unet_", "lora")
+    node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
+    both, report = node.load(merged, "bypassed.safetensors", 0.9, "bypass")["result"]
+    assert "bypass:" in report, report
+    g = torch.Generator().manual_seed(6)
+    x, t, context = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([300.0]), torch.randn(1, 3, 64, generator=g)
+    expected = unet_output(both, x, t, context)
+    assert not torch.equal(expected, unet_output(merged, x, t, context))
+    calls.clear()
+    _load_partially(both, both.model_size() // 3)
+    try:
+        with torch.no_grad():
+            got = both.model.diffusion_model(x, t, context=context)
+        left_to_forward = [m for m in calls if getattr(m, "weight_function", None)]
+    finally:
+        both.unpatch_model()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert bool(calls) == (form == "patched")
+    assert bool(left_to_forward) == (form == "patched")  # patched on top of a merge done in the forward
