@@ -135,6 +135,7 @@ class BypassForward:
         return y
 
     def _patching_cheaper(self, x, entries) -> bool:
+        """The core's cost model for this call: its output positions, the shape each entry patches."""
         shape = self.geometry.weight_shape
         if self.geometry.linear:
             tokens = x.numel() // max(1, x.shape[-1])
@@ -177,6 +178,7 @@ class BypassForward:
 
 
 def _rows(shape, offset):
+    """The shape of the rows a fused layer's slice (dim, start, length) covers."""
     dim, _, length = offset
     return tuple(length if i == dim else n for i, n in enumerate(shape))
 
