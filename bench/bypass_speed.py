@@ -11,12 +11,14 @@ A cell marked "p" ran patched.
 
 Layers: SDXL-shaped (attention 640/1280, cross-attention k/v from the 2048-wide context,
 feed-forward 5120x1280) and Flux-shaped (3072x3072, 12288x3072), with the tokens of one
-1024x1024 step (SDXL: 4096 / 1024 tokens per image, context 77 x 2; Flux: 4096). Adapters at
-rank 16 (LoHa: r1 = r2 = 16, i.e. an effective rank of 256; OFT/BOFT: blocks of ~16).
+1024x1024 step: SDXL 4096 / 1024 image tokens and a 77-token context per image, times
+`--cfg-batch` (default 2: with CFG, ComfyUI runs cond and uncond as one batch when memory
+allows; 1 is a lone image); Flux 4096 (guidance-distilled, no uncond pass). Adapters at rank 16
+(LoHa: r1 = r2 = 16, i.e. an effective rank of 256; OFT/BOFT: blocks of ~16).
 
     .venv/bin/python bench/bypass_speed.py [--repeats 5] [--threads 2] [--tokens-scale 0.25]
         [--algos lora,loha] [--layers sdxl|flux|all] [--device cpu] [--dtypes fp32,fp8]
-        [--form cost|factored|patched]
+        [--form cost|factored|patched] [--cfg-batch 2]
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ from lycoris_core.algos import BOFT, IA3, DecodeContext, DiagOFT, GLoRA, LoHa, L
 from lycoris_core.algos.base import chain_inputs, patching_cheaper, plan_bypass, weight_token  # noqa: E402
 
 RANK = 16
-LAYERS = {  # name: (out, in, tokens)
+LAYERS = {  # name: (out, in, tokens per image)
     "sdxl": [
         ("attn 640", 640, 640, 4096),
         ("attn 1280", 1280, 1280, 1024),
-        ("ctx k/v 2048>1280", 1280, 2048, 154),
+        ("ctx k/v 2048>1280", 1280, 2048, 77),
         ("ff 5120x1280", 5120, 1280, 1024),
         ("ff.out 1280x5120", 1280, 5120, 1024),
     ],
@@ -161,6 +163,7 @@ def main():
     parser.add_argument("--dtypes", default="fp32,fp8")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--form", default="cost", choices=["cost", "factored", "patched"])
+    parser.add_argument("--cfg-batch", type=int, default=2, help="images per SDXL call (2: cond + uncond)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -169,14 +172,16 @@ def main():
     stored = {"fp32": torch.float32, "fp8": torch.float8_e4m3fn}
     geometry = LayerGeometry()
     g = torch.Generator().manual_seed(0)
-    print(f"device {device}, {torch.get_num_threads()} threads, tokens x{args.tokens_scale}, rank {RANK}, "
+    print(f"device {device}, {torch.get_num_threads()} threads, tokens x{args.tokens_scale}, "
+          f"SDXL batch {args.cfg_batch}, rank {RANK}, "
           f"ratio = bypassed forward / plain forward (dequantise + matmul)")
     header = f"{'layer':18s} {'tokens':>6s} {'weight':6s} {'plain ms':>9s} " + " ".join(f"{a:>9s}" for a in algos)
     print(header)
     ratios = {(a, d): [] for a in algos for d in args.dtypes.split(",")}
     totals = {key: [0.0, 0.0] for key in ratios}  # (bypassed, plain) seconds summed over the layers
     for name, out, inp, tokens in layers:
-        tokens = max(1, int(tokens * args.tokens_scale))
+        batch = args.cfg_batch if (name, out, inp, tokens) in LAYERS["sdxl"] else 1
+        tokens = max(1, int(tokens * batch * args.tokens_scale))
         weight = torch.randn(out, inp, generator=g) * 0.02
         bias = (torch.randn(out, generator=g) * 0.1).to(device)
         x = torch.randn(tokens, inp, generator=g).to(device)

@@ -142,7 +142,7 @@ class BypassForward:
         else:  # output positions of the conv (stride shrinks them)
             tokens = x.numel() // max(1, x.shape[1] * math.prod(self.geometry.stride))
         parts = [(adapter, shape if offset is None else _rows(shape, offset)) for adapter, _, offset in entries]
-        return patching_cheaper(parts, tokens)
+        return patching_cheaper(parts, tokens, shape)
 
     def _patched_forward(self, x, entries):
         """The layer's op on W' = merge(W) for the weight it reads this call (a transient copy:

@@ -456,10 +456,17 @@ def weight_token(weight: torch.Tensor):
     return (str(weight.device), weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
 
 
-def patching_cheaper(entries, tokens: int) -> bool:
+def tracks_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records ops on these tensors now (then `out=` buffers cannot be used)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def patching_cheaper(entries, tokens: int, layer_shape: tuple | None = None) -> bool:
     """Whether patching a transient copy of the layer's (dequantised) weight, W' = merge(W), and
     running the layer's op on it costs less this call than running the adapters factored beside
-    it for `tokens` output positions. `entries` is ((adapter, weight shape it patches), ...).
+    it for `tokens` output positions. `entries` is ((adapter, weight shape it patches), ...);
+    `layer_shape` the whole weight the working copy holds (default: the first entry's shape;
+    a fused layer's adapters patch slices of it).
 
     The patched form costs O(weight) per call whatever the tokens, the factored form O(tokens):
     a 1024-px image step (thousands of tokens) patches, a 77-token text context does not."""
@@ -470,8 +477,8 @@ def patching_cheaper(entries, tokens: int) -> bool:
         per_token, per_call = adapter.bypass_costs(shape)
         factored += tokens * per_token
         patched += per_call
-    out, inp = entries[0][1][0], math.prod(entries[0][1][1:])
-    patched += PASS_COST * 2 * out * inp  # the fp32 working copy and the cast back
+    shape = layer_shape or entries[0][1]
+    patched += PASS_COST * 2 * math.prod(shape)  # the fp32 working copy and the cast back
     return patched < factored
 
 

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import COMPUTE_DTYPE, PASS_COST, Adapter, flat
+from .base import COMPUTE_DTYPE, PASS_COST, Adapter, flat, tracks_grad
 from .oft import DiagOFT
 
 
@@ -71,13 +71,44 @@ class BOFT(DiagOFT):
         return _butterfly(rows, rotation)
 
     def patch(self, weight, strength=1.0, bias=None, inplace=False):
-        """The rows of W rotated by the composed stages (see `rotate_channels_last`): each column
-        of W is a vector over the output channels."""
+        """The rows of W rotated by the composed stages (see `rotate_channels_last`), each group
+        one batched matmul on whole rows: the rows of a block are gathered by one row copy
+        (none for the first group), and the copy between two groups goes straight from one
+        group's order to the next. No transposes of W."""
         self.check_weight(weight.shape)
         w = weight.to(COMPUTE_DTYPE)
-        columns = flat(w).T  # (I*k, O)
-        out = self.rotate_channels_last(columns, None, strength).T.reshape(w.shape)
-        return out, None if bias is None else bias.to(COMPUTE_DTYPE)
+        rows = flat(w)  # (O, I*k)
+        groups = self._groups(None, strength, rows)
+        orders = self.cached("row_orders", (rows.device, tuple((p, q) for p, q, _ in groups)),
+                             lambda: _row_orders(rows.shape[0], [(p, q) for p, q, _ in groups],
+                                                 self.tensors["oft_blocks"].shape[-1] // 2, rows.device))
+        # two work buffers, used in turn (fresh large allocations cost a page fault per page on a
+        # CPU); the weight's rows serve as one when they are a copy of our own, else only read
+        own = inplace or w.data_ptr() != weight.data_ptr()
+        buffers = (rows if own else torch.empty_like(rows), torch.empty_like(rows))
+        other = lambda t: buffers[1] if t is buffers[0] else buffers[0]  # noqa: E731
+        if tracks_grad(rows, *(blocks for _, _, blocks in groups)):  # out= ops cannot record a graph
+            buffers, other = (), lambda t: None
+        out = rows
+        for (_, _, blocks), gather in zip(groups, orders):
+            if gather is not None:
+                out = torch.index_select(out.reshape(rows.shape), 0, gather, out=other(out))
+            n, size, _ = blocks.shape
+            target = other(out)
+            product = torch.bmm(blocks.transpose(1, 2), out.reshape(n, size, -1),
+                                out=None if target is None else target.reshape(n, size, -1))
+            out = product if target is None else target
+        if orders[-1] is not None:
+            out = torch.index_select(out.reshape(rows.shape), 0, orders[-1], out=other(out))
+        return out.reshape(w.shape), None if bias is None else bias.to(COMPUTE_DTYPE)
+
+    def _groups(self, rotation, strength, like):
+        """The composed stage groups in `like`'s dtype and device, built once per copy and strength."""
+        def build():
+            r = (rotation if rotation is not None else self.rotation(strength)).to(COMPUTE_DTYPE)
+            return [(p, q, blocks.to(like.dtype)) for p, q, blocks in self._composed_groups(r)]
+
+        return self.cached("composed", (strength, like.dtype, like.device), build)
 
     def rotate_channels_last(self, y, rotation, strength):
         """`rotate_rows` then rescale on the last dim of `y`, with the stages multiplied out in
@@ -86,16 +117,21 @@ class BOFT(DiagOFT):
         COMPOSED_BLOCK), applied after a reshape that gathers each block (none for the first
         group). One pass per group instead of three per stage; the rescale is folded into the
         last group. Built once per copy and strength (`rotation`: R_m, computed when None)."""
-        def build():
-            r = (rotation if rotation is not None else self.rotation(strength)).to(COMPUTE_DTYPE)
-            return [(p, q, blocks.to(y.dtype)) for p, q, blocks in self._composed_groups(r)]
-
         out, half = y, self.tensors["oft_blocks"].shape[-1] // 2
-        for p, q, blocks in self.cached("composed", (strength, y.dtype, y.device), build):
+        for p, q, blocks in self._groups(rotation, strength, y):
             grouped = _group_channels(out, p, q, half)
             grouped = torch.einsum("...bj,bji->...bi", grouped, blocks)
             out = _ungroup_channels(grouped, p, q, half)
         return out
+
+    def factored_costs(self, out, inp):
+        """Per stage group: its block size in multiply-adds per element, plus its memory passes
+        (gather, einsum, ungather on activations; on the weight a row gather and the product
+        into a reused buffer, measured cheaper than one pass each)."""
+        stages, _, size, _ = self.tensors["oft_blocks"].shape
+        blocks = [size // 2 * 2 ** (q - p) for p, q in _group_bounds(stages, size // 2)]
+        return ((sum(blocks) + PASS_COST * 3 * len(blocks)) * out,
+                (sum(blocks) + PASS_COST * len(blocks)) * out * inp)
 
     def _composed_groups(self, rotation):
         """[(p, q, blocks (n, C, C) transposed for `...bj,bji`)]: consecutive stages grouped while
@@ -103,13 +139,7 @@ class BOFT(DiagOFT):
         stages on one basis vector per block position (blocks never interact within a group)."""
         stages, _, size, _ = rotation.shape
         half, channels = size // 2, rotation.shape[1] * size
-        bounds, p = [], 0
-        while p < stages:
-            q = p + 1
-            while q < stages and half * 2 ** (q + 1 - p) <= COMPOSED_BLOCK:
-                q += 1
-            bounds.append((p, q))
-            p = q
+        bounds = _group_bounds(stages, half)
         rescale = self.t("rescale")
         groups = []
         for p, q in bounds:
@@ -123,6 +153,19 @@ class BOFT(DiagOFT):
             blocks = _group_channels(out, p, q, half)  # (j, n, i)
             groups.append((p, q, blocks.permute(1, 0, 2).contiguous()))  # (n, j, i)
         return groups
+
+
+def _group_bounds(stages, half):
+    """[(p, q), ...]: consecutive stages p..q-1 grouped while a block stays within COMPOSED_BLOCK
+    channels (half * 2^(q - p))."""
+    bounds, p = [], 0
+    while p < stages:
+        q = p + 1
+        while q < stages and half * 2 ** (q + 1 - p) <= COMPOSED_BLOCK:
+            q += 1
+        bounds.append((p, q))
+        p = q
+    return bounds
 
 
 def _group_channels(y, p, q, half):
@@ -142,6 +185,21 @@ def _ungroup_channels(grouped, p, q, half):
     inner, outer = 2 ** (q - p), channels // (half * 2 ** q)
     view = grouped.reshape(*lead, outer, 2 ** p, inner, half).transpose(-3, -2)
     return view.reshape(*lead, channels)
+
+
+def _row_orders(channels, bounds, half, device):
+    """For `patch`: the row gathers [before group 0, ..., before the last group, after it]
+    (None where the order does not change). Group k's order lists, per position, the natural
+    channel `_group_channels` puts there; the gather into it reads each channel where the
+    previous order left it."""
+    natural = torch.arange(channels, device=device)
+    orders = [_group_channels(natural, p, q, half).reshape(-1) for p, q in bounds] + [natural]
+    gathers, where = [], natural  # where[c]: the row holding channel c now
+    for order in orders:
+        gather = where[order]
+        gathers.append(None if torch.equal(gather, natural) else gather)
+        where = torch.argsort(order)
+    return gathers
 
 
 def _butterfly_permutation(n: int, blocks: int, half: int) -> torch.Tensor:

@@ -19,9 +19,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import PASS_COST, Adapter, flat
+from .base import PASS_COST, Adapter, flat, tracks_grad
 
 KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+ROW_BLOCK = 2 ** 21  # elements per block of rows in `add_delta` (two reused fp32 buffers of 8 MiB)
 
 
 class LoHa(Adapter):
@@ -96,9 +97,28 @@ class LoHa(Adapter):
         return one.mul_(two).reshape(weight.shape)
 
     def add_delta(self, w, factor, inplace=False):
-        # W + m * (T1 * T2) in one pass over the weight (no full-size product kept)
-        one, two = (half.reshape(w.shape) for half in self.halves())
-        return w.addcmul_(one, two, value=factor) if inplace else torch.addcmul(w, one, two, value=factor)
+        """W + m * (T1 * T2) in one pass over the weight. Non-Tucker: on large weights both
+        halves are built a block of rows at a time into two reused buffers, so no full-size half
+        is allocated (fresh large allocations fault in every page on a CPU): measured 2x faster
+        on Flux-sized layers (12288x3072: 163 -> 85 ms), the same on SDXL-sized ones, which
+        fit in one block."""
+        if self.tucker or tracks_grad(w):  # out= ops cannot record a graph
+            one, two = (half.reshape(w.shape) for half in self.halves())
+            return w.addcmul_(one, two, value=factor) if inplace else torch.addcmul(w, one, two, value=factor)
+        rows_in = flat(w)
+        out = rows_in if inplace else torch.empty_like(rows_in)
+        a1 = (flat(self.t("hada_w1_a")) * self.scale).to(w.dtype)
+        a2, b1, b2 = (flat(self.t(key)).to(w.dtype) for key in ("hada_w2_a", "hada_w1_b", "hada_w2_b"))
+        block = max(1, ROW_BLOCK // rows_in.shape[1])
+        buffers = [torch.empty(min(block, rows_in.shape[0]), rows_in.shape[1], dtype=w.dtype, device=w.device)
+                   for _ in range(2)]
+        for start in range(0, rows_in.shape[0], block):
+            rows = slice(start, start + block)
+            n = min(block, rows_in.shape[0] - start)
+            one = torch.mm(a1[rows], b1, out=buffers[0][:n])
+            two = torch.mm(a2[rows], b2, out=buffers[1][:n])
+            torch.addcmul(rows_in[rows], one, two, value=factor, out=out[rows])
+        return out.reshape(w.shape)
 
     def factored_costs(self, out, inp):
         r1, r2 = self.tensors["hada_w1_b"].shape[0], self.tensors["hada_w2_b"].shape[0]

@@ -108,9 +108,8 @@ class DiagOFT(Adapter):
         return False
 
     def factored_costs(self, out, inp):
-        blocks = self.tensors[self.blocks_key]
-        bs, stages = blocks.shape[-1], (blocks.shape[0] if blocks.dim() == 4 else 1)  # BOFT: butterfly stages
-        return stages * (bs + PASS_COST * 4) * out, stages * (bs + PASS_COST * 3) * out * inp
+        bs = self.tensors[self.blocks_key].shape[-1]
+        return (bs + PASS_COST * 4) * out, (bs + PASS_COST * 3) * out * inp
 
     def bypass_is_dense(self, geometry=None):
         return False

@@ -83,6 +83,25 @@ def test_bypass_form_follows_the_token_count(oracle, case_id):
         assert not patching_cheaper(entries * 2, 1) and patching_cheaper(entries * 2, 10**6)
 
 
+@pytest.mark.parametrize("case_id", ["lora", "loha", "boft"])
+def test_a_slice_is_charged_the_whole_working_copy(oracle, case_id):
+    """An adapter on a slice of a fused layer (Flux qkv) patches a copy of the whole weight:
+    at the token count where its own slice would just tip the model to patching, a weight three
+    slices tall keeps it factored."""
+    oc = oracle(case_id)
+    adapters = load_adapter_file(oc.path).adapters
+    for record in oc.layers.values():
+        shape = tuple(record.base_layer.weight.shape)
+        entries = [(adapters[record.lora_name], shape)]
+        low, high = 1, 10**9  # the least token count that patches, by bisection
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if patching_cheaper(entries, mid) else (mid + 1, high)
+        fused = (3 * shape[0],) + shape[1:]
+        assert patching_cheaper(entries, low) and patching_cheaper(entries, low, shape)
+        assert not patching_cheaper(entries, low, fused), (case_id, shape, low)
+
+
 def test_tlora_never_patches(oracle):
     oc = oracle("tlora")
     adapters = load_adapter_file(oc.path).adapters

@@ -169,3 +169,22 @@ def test_kohya_names_match_the_right_layers(kohya_oracle):
             for path, record in layers.items():
                 err = lo.rel_error(lo.layer_output(record, merged), record.y[m], record.y_base)
                 assert err <= TOL, (component, path, m, err)
+
+
+@pytest.mark.parametrize("case_id", ["loha", "loha_tucker", "boft", "boft_rescaled_constraint"])
+def test_patch_of_a_weight_autograd_tracks(oracle, case_id, monkeypatch):
+    """A weight that requires grad (a model's Parameter patched outside no_grad, as ComfyUI's
+    partial loads do) gets the same patch: the reused buffers of the fast path are skipped.
+    BOFT's stages are split into several groups (a gather between each)."""
+    import lycoris_core.algos.boft as boft
+
+    monkeypatch.setattr(boft, "COMPOSED_BLOCK", 4)
+    oc = oracle(case_id)
+    adapters = load_adapter_file(oc.path).adapters
+    for record in oc.layers.values():
+        adapter, weight = adapters[record.lora_name], record.base_layer.weight.detach()
+        with torch.no_grad():
+            fast, _ = adapter.patch(weight, 0.7)
+        tracked, _ = adapter.patch(weight.clone().requires_grad_(True), 0.7)
+        assert tracked.requires_grad
+        torch.testing.assert_close(tracked.detach(), fast, rtol=0, atol=1e-6)

@@ -44,7 +44,7 @@ def bypass_form(pack, monkeypatch):
 
     def pin(form):
         if form != "cost":
-            monkeypatch.setattr(module, "patching_cheaper", lambda entries, tokens: form == "patched")
+            monkeypatch.setattr(module, "patching_cheaper", lambda *_: form == "patched")
         calls = []
         real = module.BypassForward._patched_forward
         monkeypatch.setattr(module.BypassForward, "_patched_forward",
