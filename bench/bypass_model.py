@@ -7,12 +7,14 @@ dequantised by ComfyUI's manual cast (what UNETLoader's fp8 weight_dtype gives).
 one file with random factors at rank 16 on every Linear of the transformer blocks, loaded by the
 pack's loader node in bypass mode, so each layer call runs in the form bypass picks for its
 token count. Timed: one forward of the diffusion model at 512x512 (a 64x64 latent, a 77-token
-context), plain and bypassed runs interleaved; prints the best bypassed run of each algorithm over
-the best plain run of all (the plain forward does not depend on the algorithm, and pooling its runs
-steadies it: single CPU runs of this size move by up to 10 %).
+context) for `--batch` images (default 2: with CFG, ComfyUI runs cond and uncond as one batch when
+memory allows), plain and bypassed runs interleaved; prints the best bypassed run of each algorithm over
+the best of the plain runs interleaved with it (the machine drifts over a run of many minutes: a plain
+run pooled from all algorithms let an early quiet minute inflate later algorithms' ratios by up to
+30 %; single CPU runs of this size still move by up to 10 %).
 
     COMFYUI_PATH=/path/to/ComfyUI .venv/bin/python bench/bypass_model.py [--repeats 3] [--threads 2]
-        [--algos lora,loha] [--weights fp32,fp8] [--latent 64]
+        [--algos lora,loha] [--weights fp32,fp8] [--latent 64] [--batch 2]
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--algos", default=",".join(ALGOS))
     parser.add_argument("--weights", default="fp32,fp8")
     parser.add_argument("--latent", type=int, default=64, help="latent side (64: a 512x512 image)")
+    parser.add_argument("--batch", type=int, default=2, help="images per forward (2: cond + uncond)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import_comfy()
@@ -95,10 +98,10 @@ def main() -> None:
     from merge_vs_comfyui import transformer_linears
 
     g = torch.Generator().manual_seed(0)
-    inputs = (torch.randn(1, 4, args.latent, args.latent, generator=g), torch.tensor([500.0]),
-              torch.randn(1, 77, 768, generator=g))
+    inputs = (torch.randn(args.batch, 4, args.latent, args.latent, generator=g), torch.tensor([500.0] * args.batch),
+              torch.randn(args.batch, 77, 768, generator=g))
     node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
-    print(f"SD1.5 UNet, {args.latent}x{args.latent} latent, batch 1, {args.threads} threads; rank 16 on every "
+    print(f"SD1.5 UNet, {args.latent}x{args.latent} latent, batch {args.batch}, {args.threads} threads; rank 16 on every "
           "transformer Linear; bypassed forward / plain forward")
     print(f"{'weights':8s} {'plain s':>8s} " + " ".join(f"{a:>7s}" for a in args.algos.split(",")))
     with tempfile.TemporaryDirectory() as folder:
@@ -108,7 +111,7 @@ def main() -> None:
             layers = transformer_linears(patcher)
             if weights == "fp8":
                 store_as_fp8(patcher)
-            bests, plains = [], []
+            bests, plains = [], []  # per algorithm
             for algo in args.algos.split(","):
                 name = f"{algo}.safetensors"
                 save_file(adapter_file(algo, layers, g), os.path.join(folder, name))
@@ -118,13 +121,14 @@ def main() -> None:
                 _, y_bypassed = timed_forward(bypassed, inputs, True)
                 _, y_plain = timed_forward(patcher, inputs, False)
                 assert not torch.equal(y_bypassed, y_plain), f"{algo}: bypass changed nothing"
-                patched = []
+                patched, plain = [], []
                 for _ in range(args.repeats):
-                    plains.append(timed_forward(patcher, inputs, False)[0])
+                    plain.append(timed_forward(patcher, inputs, False)[0])
                     patched.append(timed_forward(bypassed, inputs, True)[0])
                 bests.append(min(patched))
-            plain = min(plains)
-            print(f"{weights:8s} {plain:8.2f} " + " ".join(f"{b / plain:6.3f}x" for b in bests), flush=True)
+                plains.append(min(plain))
+            print(f"{weights:8s} {min(plains):8.2f} " + " ".join(f"{b / p:6.3f}x" for b, p in zip(bests, plains)),
+                  flush=True)
 
 
 if __name__ == "__main__":
