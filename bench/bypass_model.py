@@ -101,7 +101,8 @@ def main() -> None:
     inputs = (torch.randn(args.batch, 4, args.latent, args.latent, generator=g), torch.tensor([500.0] * args.batch),
               torch.randn(args.batch, 77, 768, generator=g))
     node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
-    print(f"SD1.5 UNet, {args.latent}x{args.latent} latent, batch {args.batch}, {args.threads} threads; rank 16 on every "
+    print(f"SD1.5 UNet, {args.latent}x{args.latent} latent, batch {args.batch}, {args.threads} threads; "
+          "rank 16 on every "
           "transformer Linear; bypassed forward / plain forward")
     print(f"{'weights':8s} {'plain s':>8s} " + " ".join(f"{a:>7s}" for a in args.algos.split(",")))
     with tempfile.TemporaryDirectory() as folder:

@@ -83,12 +83,14 @@ class BOFT(DiagOFT):
                              lambda: _row_orders(rows.shape[0], [(p, q) for p, q, _ in groups],
                                                  self.tensors["oft_blocks"].shape[-1] // 2, rows.device))
         # two work buffers, used in turn (fresh large allocations cost a page fault per page on a
-        # CPU); the weight's rows serve as one when they are a copy of our own, else only read
-        own = inplace or w.data_ptr() != weight.data_ptr()
-        buffers = (rows if own else torch.empty_like(rows), torch.empty_like(rows))
-        other = lambda t: buffers[1] if t is buffers[0] else buffers[0]  # noqa: E731
-        if tracks_grad(rows, *(blocks for _, _, blocks in groups)):  # out= ops cannot record a graph
-            buffers, other = (), lambda t: None
+        # CPU); the weight's rows serve as one when they are a copy of our own, else only read.
+        # None (fresh outputs) where autograd records: out= ops cannot be part of a graph.
+        if tracks_grad(rows, *(blocks for _, _, blocks in groups)):
+            other = lambda t: None  # noqa: E731
+        else:
+            own = inplace or w.data_ptr() != weight.data_ptr()
+            buffers = (rows if own else torch.empty_like(rows), torch.empty_like(rows))
+            other = lambda t: buffers[1] if t is buffers[0] else buffers[0]  # noqa: E731
         out = rows
         for (_, _, blocks), gather in zip(groups, orders):
             if gather is not None:
