@@ -79,9 +79,9 @@ class BOFT(DiagOFT):
         w = weight.to(COMPUTE_DTYPE)
         rows = flat(w)  # (O, I*k)
         groups = self._groups(None, strength, rows)
-        orders = self.cached("row_orders", (rows.device, tuple((p, q) for p, q, _ in groups)),
-                             lambda: _row_orders(rows.shape[0], [(p, q) for p, q, _ in groups],
-                                                 self.tensors["oft_blocks"].shape[-1] // 2, rows.device))
+        bounds, half = tuple((p, q) for p, q, _ in groups), self.tensors["oft_blocks"].shape[-1] // 2
+        orders = self.cached("row_orders", (rows.device, bounds),
+                             lambda: _row_orders(rows.shape[0], bounds, half, rows.device))
         # two work buffers, used in turn (fresh large allocations cost a page fault per page on a
         # CPU); the weight's rows serve as one when they are a copy of our own, else only read.
         # None (fresh outputs) where autograd records: out= ops cannot be part of a graph.
