@@ -20,12 +20,14 @@ whatever the tokens). Both leave the stored weight untouched and give the merge'
 from __future__ import annotations
 
 import math
+import types
+import weakref
 
 import comfy.utils
 import torch
 import torch.nn.functional as F
 
-from ..lycoris_core.algos.base import COMPUTE_DTYPE, chain_inputs, patching_cheaper, plan_bypass, weight_token
+from ..lycoris_core.algos.base import COMPUTE_DTYPE, chain_inputs, patching_cheaper, plan_bypass, tensor_version
 from .layers import computes_on_cast_weight, geometry, is_quantized_tensor
 
 try:
@@ -81,13 +83,16 @@ def _layer_weights(module, x):
 class BypassForward:
     """Callable set as `module.forward`: the layer's own forward, then each adapter in turn."""
 
-    def __init__(self, module, entries, previous=None, moved=None):
+    def __init__(self, module, entries, previous=None, moved=None, plan=None):
         self.module = module
+        self.plan = plan  # the BypassPlan that installed it (None: an object patch)
         self.entries = tuple(entries)  # ((adapter, strength, offset), ...)
         self.previous = previous  # an instance-level forward this one wraps (another object patch)
         self.geometry = geometry(module)
         self._moved = {} if moved is None else moved  # device -> adapters there, shared by re-injections
         self.patchable = previous is None and computes_on_cast_weight(module) and bool(self.geometry.weight_shape)
+        self.has_bias = getattr(module, "bias", None) is not None
+        self.active = True  # False once ejected
 
     def extended(self, adapter, strength: float, offset=None) -> "BypassForward":
         return BypassForward(self.module, self.entries + ((adapter, strength, offset),), self.previous)
@@ -101,38 +106,68 @@ class BypassForward:
         return moved
 
     def __call__(self, x, *args, **kwargs):
+        if not self.active:  # ejected, then put back by another patch's eject: the layer as it was
+            return self._base_forward()(x, *args, **kwargs)
         entries = self._adapters_on(x.device)
-        if self.patchable and not args and not kwargs and self._patching_cheaper(x, entries):
+        own_op = self.patchable and not args and not kwargs
+        if own_op and self._patching_cheaper(x, entries):
             out = self._patched_forward(x, entries)
             if out is not None:
                 return out
-        token = _stored_weight_token(self.module)
+        token = weight_source_token(self.module)
         # input-side transforms (rotations, scales, GLoRA's x + a(x)) run before the base forward
         steps, needs_weight = plan_bypass([(a, m, offset is None) for a, m, offset in entries], self.geometry, token)
-        weight, release = None, _no_release
-        if needs_weight:
-            weight, bias, release = _layer_weights(self.module, x)
-        else:  # output-side families still need the bias: it is not rotated or scaled
-            bias = getattr(self.module, "bias", None)
-            bias = bias.to(x.dtype) if isinstance(bias, torch.Tensor) and bias.is_floating_point() else None
-        try:
+        needs_bias = self.has_bias and any(adapter.bypass_reads_bias for adapter, _, _ in entries)
+        if own_op and (needs_weight or needs_bias):
+            return self._factored_on_cast(x, entries, steps, token)
+        if needs_weight and any(side for _, _, side in steps):
+            # the input side reads W: one cast for it, released before the layer casts again
+            with _cast(self.module, x) as (weight, _):
+                inputs = chain_inputs(x, steps, weight, self.geometry, token)
+        else:
+            inputs = chain_inputs(x, steps, None, self.geometry, token)
+        y = self._base_forward()(inputs[0], *args, **kwargs)
+        if not (needs_weight or needs_bias):
+            return self._outputs(y, entries, steps, inputs, None, None, token)
+        # the layer's own cast is over: the adapters get theirs (W, b as that cast hands them, on
+        # the compute device), one at a time, never nested inside another
+        with _cast(self.module, x) as (weight, bias):
+            return self._outputs(y, entries, steps, inputs, weight, bias, token)
+
+    def _factored_on_cast(self, x, entries, steps, token):
+        """Factored form on a layer whose forward is "cast W and b, then the op": one cast serves the
+        layer's op and the adapters, held until they are done."""
+        with _cast(self.module, x) as (weight, bias):
+            if weight is None:  # no float weight to be had: the layer's forward, adapters without W
+                inputs = chain_inputs(x, steps, None, self.geometry, token)
+                return self._outputs(self._base_forward()(inputs[0]), entries, steps, inputs, None, None, token)
+            if run_every_op is not None:
+                run_every_op()  # what the layer's own forward does first (honours interrupts)
             inputs = chain_inputs(x, steps, weight, self.geometry, token)
-            base_forward = self.previous if self.previous is not None else type(self.module).forward.__get__(self.module)
-            y = base_forward(inputs[0], *args, **kwargs)
-            for (adapter, strength, offset), (_, _, side), x_k in zip(entries, steps, inputs[1:]):
-                if offset is None:
-                    y = adapter.bypass(x_k, y, weight, bias, self.geometry, strength, token=token, input_applied=side)
-                    continue
-                # a slice of a fused layer (Flux qkv / linear1): rows of the output
-                dim, start, length = offset
-                part = y.narrow(-1, start, length)
-                w = None if weight is None else weight.narrow(dim, start, length)
-                b = None if bias is None else bias.narrow(0, start, length)
-                y = y.clone()
-                y.narrow(-1, start, length).copy_(adapter.bypass(x_k, part, w, b, self.geometry, strength, token=token))
-        finally:
-            release()
+            return self._outputs(self._op(inputs[0], weight, bias), entries, steps, inputs, weight, bias, token)
+
+    def _outputs(self, y, entries, steps, inputs, weight, bias, token):
+        """Each adapter's output side on the base output `y`, in order."""
+        for (adapter, strength, offset), (_, _, side), x_k in zip(entries, steps, inputs[1:]):
+            if offset is None:
+                y = adapter.bypass(x_k, y, weight, bias, self.geometry, strength, token=token, input_applied=side)
+                continue
+            # a slice of a fused layer (Flux qkv / linear1): rows of the output, written in place
+            dim, start, length = offset
+            w = None if weight is None else weight.narrow(dim, start, length)
+            b = None if bias is None else bias.narrow(0, start, length)
+            part = y.narrow(-1, start, length)
+            new = adapter.bypass(x_k, part.clone(), w, b, self.geometry, strength, token=token)
+            part.copy_(new)
         return y
+
+    def _base_forward(self):
+        return self.previous if self.previous is not None else type(self.module).forward.__get__(self.module)
+
+    def _op(self, x, weight, bias):
+        """The layer's op on a weight and bias it would cast itself (torch's conv/linear)."""
+        conv = getattr(self.module, "_conv_forward", None)
+        return conv(x, weight, bias) if conv is not None and not self.geometry.linear else F.linear(x, weight, bias)
 
     def _patching_cheaper(self, x, entries) -> bool:
         """The core's cost model for this call: its output positions, the shape each entry patches."""
@@ -170,9 +205,7 @@ class BypassForward:
                         b = b.to(COMPUTE_DTYPE, copy=True)
                         b.narrow(0, start, length).copy_(new_part)
                 owned = True
-            w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
-            conv = getattr(self.module, "_conv_forward", None)
-            return conv(x, w, b) if conv is not None and not self.geometry.linear else F.linear(x, w, b)
+            return self._op(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
         finally:
             release()
 
@@ -183,14 +216,80 @@ def _rows(shape, offset):
     return tuple(length if i == dim else n for i, n in enumerate(shape))
 
 
-def _stored_weight_token(module):
-    """Identity and version of the layer's stored weight, so adapters can keep what depends on W
-    (DoRA's norms) until it changes; None where the layer has no plain tensor to key on."""
+class _Same:
+    """A token part equal only to the very same live object. Held weakly where the object allows
+    it (a stale cache entry must not keep a replaced, weight-sized tensor alive), strongly
+    otherwise (lists, tuples, bound methods: small patch lists), so its identity is never reused."""
+
+    __slots__ = ("ref", "strong")
+
+    def __init__(self, obj):
+        self.strong = isinstance(obj, types.MethodType)
+        try:
+            self.ref = obj if self.strong else weakref.ref(obj)
+        except TypeError:
+            self.ref, self.strong = obj, True
+
+    def get(self):
+        return self.ref if self.strong else self.ref()
+
+    def __eq__(self, other):
+        if not isinstance(other, _Same):
+            return False
+        mine = self.get()
+        return mine is not None and mine is other.get()
+
+    def __hash__(self):
+        return id(self.get())
+
+
+def _patch_entries(function):
+    """What a cast-time weight function applies: a LowVramPatch's patch list for its key (a new
+    list per strength or clone), else the function itself."""
+    patches, key = getattr(function, "patches", None), getattr(function, "key", None)
+    if isinstance(patches, dict) and key in patches:
+        return _Same(function), _Same(patches[key]), tuple(_Same(p) for p in patches[key])
+    return _Same(function)
+
+
+def weight_source_token(module):
+    """Equal while the weight this layer computes with has the same values, so adapters may keep
+    what depends on it (DoRA's norms, T-LoRA's SVD): the stored tensor (identity, and version
+    where it has one: inference tensors have none, and ComfyUI replaces a patched Parameter rather
+    than writing it), plus every patch applied to it at cast time (low-VRAM and dynamic-VRAM
+    `weight_function`s and `weight_lowvram_function`, ComfyUI-GGUF's `patches`). None where the
+    layer has no tensor to key on."""
     weight = getattr(module, "weight", None)
-    try:
-        return weight_token(weight) if isinstance(weight, torch.Tensor) else None
-    except Exception:  # noqa: BLE001 - tensor subclasses without storage: no caching
+    if not isinstance(weight, torch.Tensor):
         return None
+    try:
+        ptr = weight.data_ptr()
+    except Exception:  # noqa: BLE001 - tensor subclasses without plain storage
+        ptr = None
+    functions = getattr(module, "weight_function", None) or ()
+    if not isinstance(functions, (list, tuple)):  # the March-2024 runtime sets one function
+        functions = (functions,)
+    casts = tuple(_patch_entries(f) for f in functions)
+    lowvram = getattr(module, "weight_lowvram_function", None)
+    gguf = tuple((_Same(p), k) for p, k in getattr(weight, "patches", ()) or ())
+    return (_Same(weight), ptr, tensor_version(weight), tuple(weight.shape), weight.dtype, str(weight.device),
+            casts, None if lowvram is None else _patch_entries(lowvram), gguf)
+
+
+class _cast:
+    """`with _cast(module, x) as (weight, bias)`: the layer's weight and bias as its own forward
+    would cast them for `x` (dequantised, patched, on x's device), released on exit."""
+
+    def __init__(self, module, x):
+        self.module, self.x = module, x
+
+    def __enter__(self):
+        weight, bias, self.release = _layer_weights(self.module, self.x)
+        return weight, bias
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
 
 
 class BypassPlan:
@@ -199,6 +298,7 @@ class BypassPlan:
     def __init__(self, layers: dict):
         self.layers = layers  # path -> ((adapter, strength, offset), ...)
         self._moved: dict = {}  # path -> {device: moved adapters}
+        self._installed: dict = {}  # id(module) -> the BypassForward injected there
 
     def extended(self, additions) -> "BypassPlan":
         layers = dict(self.layers)
@@ -212,18 +312,22 @@ class BypassPlan:
             previous = module.__dict__.get("forward")
             if isinstance(previous, BypassForward):  # another plan still on a shared model: replace it, never stack
                 previous = previous.previous
-            module.forward = BypassForward(module, entries, previous, self._moved.setdefault(path, {}))
+            module.forward = BypassForward(module, entries, previous, self._moved.setdefault(path, {}), self)
+            self._installed[id(module)] = module.forward
 
     def eject(self, patcher) -> None:
         for path in self.layers:
             module = comfy.utils.get_attr(patcher.model, path)
-            current = module.__dict__.get("forward")
-            if not isinstance(current, BypassForward):
+            self._moved.get(path, {}).clear()  # the adapters' device copies and caches go with the model
+            ours = self._installed.pop(id(module), None)
+            if ours is None:
                 continue
-            if current.previous is None:
-                del module.forward
-            else:
-                module.forward = current.previous
+            ours.active = False  # if another patch later puts it back, it is the layer's plain forward
+            if module.__dict__.get("forward") is ours:
+                if ours.previous is None:
+                    del module.forward
+                else:
+                    module.forward = ours.previous
 
 
 if PatcherInjection is not None:

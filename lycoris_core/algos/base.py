@@ -153,6 +153,12 @@ class Adapter:
         tensor = self.tensors.get(suffix)
         return None if tensor is None else tensor.to(COMPUTE_DTYPE)
 
+    def host(self, suffix: str) -> torch.Tensor | None:
+        """The tensor as read from the file (on the CPU), for values read as Python numbers (alpha,
+        flags, sizes): a copy staged on a GPU reads them here, so a bypassed forward never waits for
+        a device-to-host copy (nor breaks a compiled graph on one)."""
+        return self.__dict__.get("_host_tensors", self.tensors).get(suffix)
+
     def require(self, suffix: str, ndim: tuple[int, ...] | None = None) -> torch.Tensor:
         tensor = self.tensors.get(suffix)
         if tensor is None:
@@ -178,7 +184,7 @@ class Adapter:
 
     @property
     def alpha(self) -> float | None:
-        alpha = self.tensors.get("alpha")
+        alpha = self.host("alpha")
         if alpha is None or alpha.numel() != 1:
             return None
         return float(alpha.float().reshape(-1)[0])
@@ -190,7 +196,7 @@ class Adapter:
             return self.scale_override
         rank, alpha = self.rank, self.alpha
         base = 1.0 if alpha is None or not rank else alpha / rank
-        scalar = self.tensors.get("scalar")
+        scalar = self.host("scalar")
         if scalar is not None and scalar.numel() == 1:
             base *= float(scalar.float().reshape(-1)[0])
         return base
@@ -270,6 +276,7 @@ class Adapter:
         manager staged on another device). Not validated again: the shapes were checked when the
         file was read, and the values may not be written yet when the copy is made."""
         clone = copy.copy(self)
+        clone._host_tensors = self.__dict__.get("_host_tensors", self.tensors)
         clone.tensors = tensors
         clone._bypass_cache = {}  # built from the old tensors
         return clone
@@ -282,11 +289,13 @@ class Adapter:
     # per adapter copy (bypass keeps one copy per device) and reused while the weight's token holds.
 
     def moved(self, device) -> "Adapter":
-        """A copy whose tensors live on `device` in fp32 (bypass moves them once per device)."""
-        clone = copy.copy(self)
-        clone.tensors = {k: v.to(device=device, dtype=COMPUTE_DTYPE) if v.is_floating_point() else v.to(device)
-                         for k, v in self.tensors.items()}
-        clone._bypass_cache = {}
+        """A copy whose tensors live on `device` in fp32 (bypass moves them once per device). Its
+        scale is frozen as a number here, and its other host reads go to the file's tensors
+        (`host`): nothing in its forward reads a device tensor back."""
+        scale = self.scale
+        clone = self.with_tensors({k: v.to(device=device, dtype=COMPUTE_DTYPE) if v.is_floating_point()
+                                   else v.to(device) for k, v in self.tensors.items()})
+        clone.scale_override = scale
         return clone
 
     def cached(self, slot: str, key, build):
@@ -339,6 +348,12 @@ class Adapter:
                 return True
             return token is None or not self.is_cached("dora", token) or strength not in self.cached("dora", token, dict)
         return False
+
+    @property
+    def bypass_reads_bias(self) -> bool:
+        """Whether the factored bypass needs the layer's bias values (output-side maps and DoRA
+        undo and redo it; bias deltas follow its shape): the caller then casts it with the weight."""
+        return self.has_dora or not self.additive or self.changes_bias()
 
     def bypass_is_dense(self, geometry: LayerGeometry | None = None) -> bool:
         """Whether bypass builds a full-size weight or delta (no factored form)."""
@@ -452,8 +467,20 @@ class Adapter:
 
 
 def weight_token(weight: torch.Tensor):
-    """Identity and version of a weight tensor: equal tokens mean unchanged values."""
-    return (str(weight.device), weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
+    """Identity and version of a weight tensor: equal tokens mean unchanged values (for a tensor
+    made in inference mode, which keeps no version, while nobody writes into it)."""
+    return (str(weight.device), weight.data_ptr(), tensor_version(weight), tuple(weight.shape), weight.dtype)
+
+
+def tensor_version(tensor: torch.Tensor):
+    """The tensor's in-place write counter, or None for an inference tensor (ComfyUI's executor
+    loads and runs models under `torch.inference_mode()`; such tensors keep no counter)."""
+    if tensor.is_inference():
+        return None
+    try:
+        return tensor._version
+    except RuntimeError:  # a subclass that keeps none
+        return None
 
 
 def tracks_grad(*tensors: torch.Tensor) -> bool:

@@ -32,7 +32,8 @@ class IA3(Adapter):
 
     @property
     def on_input(self) -> bool:
-        return bool(self.tensors["on_input"].reshape(-1)[0].item()) if self.tensors["on_input"].numel() else False
+        flag = self.host("on_input")
+        return bool(flag.reshape(-1)[0].item()) if flag.numel() else False
 
     def validate(self):
         self.require("weight")

@@ -68,7 +68,7 @@ class LoKr(Adapter):
             dim = self.context.int_arg("conv_dim") if conv else None
             dim = dim or self.context.int_arg("ss_network_dim")
         base = alpha / dim if dim else 1.0
-        scalar = self.tensors.get("scalar")
+        scalar = self.host("scalar")
         if scalar is not None and scalar.numel() == 1:
             base *= float(scalar.float().reshape(-1)[0])
         return base

@@ -82,7 +82,7 @@ class LoRA(Adapter):
         if indices is None:
             return None
         values = self.t("bias_values")
-        size = [int(s) for s in self.tensors["bias_size"].reshape(-1).tolist()]
+        size = [int(s) for s in self.host("bias_size").reshape(-1).tolist()]
         dense = torch.sparse_coo_tensor(indices.long(), values, size).to_dense()
         return dense.reshape(shape)
 

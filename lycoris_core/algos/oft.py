@@ -217,7 +217,7 @@ class PeftOFT(Adapter):
         """(columns / bs, bs, bs) Cayley rotations as PEFT computes them for this file's config."""
         config, bs = self.config, self.block_size
         vectors = self.t("oft_R.weight")
-        scaled = self.tensors.get("oft_R.scaled_oft")
+        scaled = self.host("oft_R.scaled_oft")
         if scaled is not None and bool(scaled.reshape(-1)[0]) and bs > 1:
             vectors = vectors / (2 * math.sqrt(bs - 1))
         rows, cols = torch.triu_indices(bs, bs, 1)

@@ -109,7 +109,8 @@ class TLoRA(Adapter):
         The initial state (an SVD of W) is computed once per layer weight."""
         if weight is None:
             raise self.error("T-LoRA in bypass mode needs the layer's readable weight (its SVD is the base term)")
-        key = (weight.data_ptr(), tuple(weight.shape))
+        # keyed on the stored weight's token (a cast copy's address rotates with offload buffers)
+        key = token if token is not None else (weight.data_ptr(), tuple(weight.shape))
         cached = getattr(self, "_initial", None)
         if cached is None or cached[0] != key:
             self._initial = cached = (key, self.initial_state(weight))

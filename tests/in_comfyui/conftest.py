@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 HERE = Path(__file__).resolve().parent
 for path in (HERE.parent, HERE):  # comfyui_runtime; tiny_models
@@ -13,6 +14,32 @@ for path in (HERE.parent, HERE):  # comfyui_runtime; tiny_models
         sys.path.append(str(path))  # appended: ComfyUI's root (put first by import_comfy) must win
 
 from comfyui_runtime import import_comfy, import_pack  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "autograd(reason): runs outside torch.inference_mode(), for the reason given")
+
+
+def _as_the_executor_runs(node):
+    """ComfyUI's executor runs every node and the sampler under `torch.inference_mode()`, so the
+    models a workflow loads hold inference tensors: tests build, load and run them the same way,
+    unless marked `autograd` (with the reason)."""
+    marker = node.get_closest_marker("autograd") if node is not None else None
+    if marker is not None and not marker.args:
+        raise pytest.UsageError(f"{node.nodeid}: @pytest.mark.autograd needs the reason as its argument")
+    return torch.inference_mode(marker is None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _as_the_executor_runs(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    with _as_the_executor_runs(getattr(request, "node", None)):
+        yield
 
 
 @pytest.fixture(scope="session")

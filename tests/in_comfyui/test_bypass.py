@@ -204,11 +204,15 @@ def test_auto_on_a_float_model_is_merge(pack, tmp_path):
     ("loha", {"algo": "loha"}),
     ("diag-oft", {"algo": "diag-oft", "linear_alpha": 0, "conv_alpha": 0}),
 ])
-def test_fp8_factored_bypass_reads_the_weight_at_most_once(pack, tmp_path, monkeypatch, bypass_form, algo, kwargs):
-    """In its factored form, DoRA dequantises a layer's weight on the first step only (its scale
-    is kept per weight); GLoRA, LoHa and OFT never do. Both steps equal the merge into the
-    dequantised weights."""
+def test_fp8_factored_bypass_casts_each_layer_once_per_call(pack, tmp_path, monkeypatch, bypass_form, algo, kwargs):
+    """In its factored form a bypassed layer is cast at most once per call, whoever needs the cast
+    weight or bias (the layer's op, DoRA's norms, an output rotation's bias): never a second,
+    nested cast. DoRA builds its scale on the first step only (kept per weight). Both steps equal
+    the merge into the dequantised weights."""
+    import collections
     import importlib
+
+    import comfy.ops
 
     _loras(tmp_path)
     bypass_form("factored")
@@ -221,9 +225,19 @@ def test_fp8_factored_bypass_reads_the_weight_at_most_once(pack, tmp_path, monke
     y_base = _run(reference_base)
     y_ref = _run(_load(pack, reference_base, f"{algo}.safetensors", 0.8, "merge"))
     bypass_module = importlib.import_module(f"{pack.__name__}.nodes.bypass")
-    reads = []
-    real = bypass_module._layer_weights
-    monkeypatch.setattr(bypass_module, "_layer_weights", lambda module, x: reads.append(module) or real(module, x))
+    base_module = importlib.import_module(f"{pack.__name__}.lycoris_core.algos.base")
+    casts = collections.Counter()
+    real_cast = comfy.ops.cast_bias_weight
+
+    def counted_cast(module, *args, **kwargs):
+        casts[id(module)] += 1
+        return real_cast(module, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", counted_cast)
+    monkeypatch.setattr(bypass_module, "cast_bias_weight", counted_cast)
+    scales = []
+    real_scale = base_module.dora_channel_scale
+    monkeypatch.setattr(base_module, "dora_channel_scale", lambda *a, **k: scales.append(1) or real_scale(*a, **k))
     bypassed = _load(pack, model, f"{algo}.safetensors", 0.8, "bypass")
     torch.manual_seed(0)
     x, t, context = torch.randn(1, 4, 16, 16), torch.tensor([500.0]), torch.randn(1, 5, 64)
@@ -231,12 +245,15 @@ def test_fp8_factored_bypass_reads_the_weight_at_most_once(pack, tmp_path, monke
     try:
         with torch.no_grad():
             first = bypassed.model.diffusion_model(x, t, context=context).float()
-            reads_first = len(reads)
+            casts_first, scales_first = dict(casts), len(scales)
+            casts.clear()
             second = bypassed.model.diffusion_model(x, t, context=context).float()
     finally:
         bypassed.unpatch_model()
-    assert (reads_first > 0) == algo.startswith("dora"), reads_first
-    assert len(reads) == reads_first, "the second step read weights again"
+    assert casts_first and max(casts_first.values()) == 1, "a layer was cast twice in one call"
+    assert casts == casts_first, "the second step cast other layers or cast them more often"
+    assert (scales_first > 0) == algo.startswith("dora"), scales_first
+    assert len(scales) == scales_first, "the second step rebuilt DoRA's scale"
     effect = (y_ref - y_base).norm()
     for y in (first, second):
         assert float((y - y_ref).norm() / effect) < 1e-4
