@@ -53,7 +53,8 @@ def parse_weighted(text: str, default: float = 1.0) -> tuple[str, float]:
         except ValueError:
             pass
         if re.fullmatch(r"\s*[+-]?\d*,\d+\s*", tail) and not os.path.exists(text):
-            raise ValueError(f"{text}: '{tail}' is not a strength; did you mean {path}:{tail.strip().replace(',', '.')}? "
+            meant = tail.strip().replace(",", ".")
+            raise ValueError(f"{text}: '{tail}' is not a strength; did you mean {path}:{meant}? "
                              "(strengths take a decimal point)")
     return text, default
 
