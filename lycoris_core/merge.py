@@ -177,10 +177,24 @@ def merge_into_state_dict(state_dict: dict, adapters, dtype: torch.dtype | None 
     return merged, coverages
 
 
-def _refuse_if_nothing_applied(coverages, base_path) -> None:
-    for coverage in coverages:
+def _is_text_encoder(module: str) -> bool:
+    return module.startswith(("lora_te", "text_encoder"))
+
+
+def _refuse_if_nothing_applied(adapters, coverages, base_path) -> None:
+    """Raise when an adapter applies to nothing, or has diffusion-model modules of which none
+    applies (an SDXL adapter on SD1.5 whose CLIP-L part fits: the file would be a useless copy)."""
+    for (adapter_file, _), coverage in zip(adapters, coverages):
         if not coverage.matched:
             raise nothing_applied(coverage, base_path)
+        model_modules = [m for m in adapter_file.adapters if not _is_text_encoder(m)]
+        if model_modules and all(_is_text_encoder(m) for m in coverage.matched):
+            example = next((m for m in coverage.unmatched if not _is_text_encoder(m)), None) or (
+                coverage.problems[0] if coverage.problems else model_modules[0])
+            raise AdapterFormatError(
+                f"nothing of {coverage.source} applies to the diffusion model of {base_path}: none of its "
+                f"{len(model_modules)} model modules fits (e.g. {example}), only {len(coverage.matched)} "
+                "text-encoder modules do; is the adapter for another base model? nothing was written")
 
 
 def merge_files(base_path, adapters, out_path, dtype: torch.dtype | None = None,
@@ -191,11 +205,12 @@ def merge_files(base_path, adapters, out_path, dtype: torch.dtype | None = None,
     `block_weight(key)` scales the strength per weight key (see `plan`)."""
     from .safe_io import SafetensorsReader, write_tensors_streamed
 
+    adapters = list(adapters)
     with SafetensorsReader(base_path) as reader:
         keys = reader.keys()
         patches, coverages = plan(adapters, keys, match, block_weight)
         check_shapes(patches, reader.shape)
-        _refuse_if_nothing_applied(coverages, base_path)
+        _refuse_if_nothing_applied(adapters, coverages, base_path)
         key_set = set(keys)
         layer_of = {k: k for k in patches}
         layer_of.update({_bias_key(k): k for k in patches if _bias_key(k) in key_set})
@@ -230,7 +245,7 @@ def merge_files(base_path, adapters, out_path, dtype: torch.dtype | None = None,
         def produce_checked(key: str) -> torch.Tensor:
             value = produce(key)
             if done[0] == len(keys):  # the last tensor: a file whose patches all failed is not kept
-                _refuse_if_nothing_applied(coverages, base_path)
+                _refuse_if_nothing_applied(adapters, coverages, base_path)
             return value
 
         write_tensors_streamed(out_path, specs, produce_checked, metadata=reader.metadata)

@@ -299,3 +299,23 @@ def test_combine_that_would_densify(families, capsys):
     code, printed, err = _run(capsys, "combine", families / "lora.safetensors",
                               f"{families / 'loha.safetensors'}:0.5", "--out", out, "--rank", 4)
     assert code == 0 and out.exists(), err
+
+
+def test_adapter_whose_text_encoder_part_alone_fits_writes_nothing(sd1, capsys):
+    """An SDXL LoRA on SD1.5: its CLIP-L modules fit SD1's text encoder, its UNet modules fit nothing."""
+    gen = torch.Generator().manual_seed(5)
+    sdxl_like = {"lora_unet_input_blocks_1_1_proj_in": _lora(gen, 32, 32),
+                 "lora_te1_text_model_encoder_layers_0_mlp_fc1": _lora(gen, 16, 8),
+                 "lora_te2_text_model_encoder_layers_0_mlp_fc1": _lora(gen, 48, 12)}
+    _save_adapter(sd1 / "sdxl_like.safetensors", sdxl_like)
+    out = sd1 / "merged.safetensors"
+    code, _, err = _run(capsys, "merge", "--base", sd1 / "base.safetensors", "--adapter",
+                        sd1 / "sdxl_like.safetensors", "--out", out)
+    line = _refused(code, err, sd1, names=("sdxl_like.safetensors", sd1 / "base.safetensors", "diffusion model",
+                                           "text-encoder"))
+    assert not out.exists(), line
+    # an adapter with text-encoder modules only is merged as asked
+    _save_adapter(sd1 / "te_only.safetensors", {"lora_te_text_model_encoder_layers_0_mlp_fc1": _lora(gen, 16, 8)})
+    code, _, err = _run(capsys, "merge", "--base", sd1 / "base.safetensors", "--adapter",
+                        sd1 / "te_only.safetensors", "--out", out)
+    assert code == 0 and out.exists(), err
