@@ -79,7 +79,8 @@ def main() -> None:
     out_path = os.path.join(folder, "merged.safetensors")
     size = os.path.getsize(base_path)
     floor, _ = child_peak([sys.executable, "-c", "import lycoris_core"])
-    cmd = [sys.executable, "-m", "lycoris_core", "merge", "--base", base_path, "--adapter", lora_path, "--out", out_path]
+    cmd = [sys.executable, "-m", "lycoris_core", "merge", "--base", base_path, "--adapter", lora_path, "--out", out_path,
+           "--overwrite"]  # a --keep folder may hold the last run's output
     if args.dtype:
         cmd += ["--dtype", args.dtype]
     peak, elapsed = child_peak(cmd)

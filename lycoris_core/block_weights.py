@@ -41,7 +41,10 @@ shipped ones; the dialect of a shipped preset is its origin's); ``NAME:`` is dro
 length has both an LBW and an Inspire layout (SD1 17, SDXL 12, the same ids), ``X`` tokens or an
 LBW preset name make it lbw, otherwise inspire (A/B tokens, Inspire preset names, or nothing).
 A vector of a length the architecture has no layout for raises `BlockWeightError`, listing the
-accepted lengths and their ids.
+accepted lengths and their ids, and the architecture whose layout has that length. The named form
+typed with ``:`` or a space instead of ``=`` (``IN04:0.5``, ``OUT* 0``) is refused with the string
+that was likely meant. A vector read in the other SD UNet's layout (an SDXL 12/20 on SD1, an SD1
+17/26 on SDXL) applies by id with a warning, except a shipped LBW preset, made to scatter onto both.
 """
 
 from __future__ import annotations
@@ -198,6 +201,7 @@ class _Layout:
     dialect: str
     slots: list[tuple[str, tuple[str, ...]]]  # (label, ids the slot sets)
     tail: tuple[str, ...] = ()  # ids that keep the last value (Inspire running out)
+    foreign: str | None = None  # the architecture the layout was made for, when not this one
 
     def __len__(self):
         return len(self.slots)
@@ -227,8 +231,8 @@ def _layouts(arch: str, block_ids: list[str]) -> list[_Layout]:
         name, short, full, other, oshort, ofull = own
         out += [_Layout(f"{name} LoRA ({len(short)})", "lbw", _slots(short, base)),
                 _Layout(f"{name} LoCon ({len(full)})", "lbw", _slots(full, base)),
-                _Layout(f"{other} LoRA ({len(oshort)}), applied by id", "lbw", _slots(oshort, base)),
-                _Layout(f"{other} LoCon ({len(ofull)}), applied by id", "lbw", _slots(ofull, base)),
+                _Layout(f"{other} LoRA ({len(oshort)}), applied by id", "lbw", _slots(oshort, base), foreign=other),
+                _Layout(f"{other} LoCon ({len(ofull)}), applied by id", "lbw", _slots(ofull, base), foreign=other),
                 _Layout(f"{name} LoRA ({len(short)})", "inspire", _slots(short, base))]
         n = 11 if arch == "sd1" else 8
         lyc = [("BASE", base)] + [(b, (b,)) for b in _r("IN", 1, n)] + mids + [(b, (b,)) for b in _r("OUT", 0, n)]
@@ -351,7 +355,13 @@ def parse_block_weights(text: str, architecture: str, block_ids, presets: dict |
             hint = hint or preset_dialect(name)
         body = source[name].strip()
     if ":" in body and not body.startswith("%"):
-        body = body.split(":", 1)[1].strip()  # a pasted `NAME:vector` line
+        suggestion = _named_suggestion(body, arch, ids)
+        if suggestion is not None:  # `IN04:0.5`: the named form with a colon
+            raise BlockWeightError(f"block weights '{body}': did you mean {suggestion}? (named blocks are "
+                                   "SELECTOR=VALUE)")
+        name = body.split(":", 1)[0]
+        if not re.search(r"[=,;\n]", name):
+            body = body.split(":", 1)[1].strip()  # a pasted `NAME:vector` line
     if dialect == "auto":
         if not body:
             chosen = "empty"
@@ -421,10 +431,18 @@ def _parse_vector(body, arch, ids, shipped, user, seed, a, b, x, force, hint, pr
                "vector": " as a vector"}[want]
         if want and hint == want and not force:
             why += " (its preset is an " + ("LBW" if want == "lbw" else "Inspire") + " one)"
+        suggestion = _named_suggestion(body, arch, ids)
+        if suggestion is not None:  # `IN04 0.5`: the named form without its `=`
+            raise BlockWeightError(f"block weights '{body}': did you mean {suggestion}? (named blocks are "
+                                   "SELECTOR=VALUE)")
         accepted = "; ".join(f"{len(layout)} ({layout.dialect} {layout.name}: {_ids_text(layout)})"
                              for layout in layouts) or "none"
+        elsewhere = [f"{name} ({tool})" for length, family, name, tool in KNOWN_LENGTHS
+                     if length == len(items) and family != arch]
+        foreign = (f" ({len(items)} values is the {' or '.join(elsewhere)} layout: weights for another model?)"
+                   if elsewhere else "")
         raise BlockWeightError(
-            f"block weights for {arch}: {len(items)} value(s) given{why}; expected {accepted}")
+            f"block weights for {arch}: {len(items)} value(s) given{why}{foreign}; expected {accepted}")
     layout = next((c for c in candidates if c.dialect == "inspire"), candidates[0])
     tokens = _Tokens(layout.dialect, seed, a, b, x)
     realised = [tokens.value(item, f"entry {n + 1} ({layout.slots[n][0]})") for n, item in enumerate(items)]
@@ -457,6 +475,10 @@ def _parse_vector(body, arch, ids, shipped, user, seed, a, b, x, force, hint, pr
     if layout.tail and realised[-1] != 0:
         warnings.append(f"the single blocks take the last value {_fmt(realised[-1])} (Inspire's rule for a "
                         f"vector shorter than the blocks)")
+    if layout.foreign and hint != "lbw":  # a shipped LBW preset is made to scatter onto either UNet
+        warnings.insert(0, f"{len(items)} values is sd-webui LBW's {layout.foreign} layout, but this model is "
+                           f"{arch}: the values were applied by block id; if the vector was made for an "
+                           f"{layout.foreign} model, write one for {arch} (or the named form, e.g. IN04=0.5)")
     unset = [i for i in ids if i not in named]
     if present_ids is not None:
         present = {str(p).upper() for p in present_ids}
@@ -533,6 +555,47 @@ def _select(selector: str, ids: list[str], arch: str) -> list[str]:
         f"'{selector}' names no block of {arch}; its ids are {_compress(ids)} (groups: {', '.join(groups)})")
 
 
+# vector lengths the tools define, by architecture: (length, layout, tool); for "weights for another
+# model?" hints when a length fits no layout of the model at hand
+KNOWN_LENGTHS = (
+    (17, "sd1", "SD1 LoRA", "Inspire/LBW"), (26, "sd1", "SD1 LoCon", "LBW"), (27, "sd1", "SD1-LyC", "Inspire"),
+    (12, "sdxl", "SDXL LoRA", "Inspire/LBW"), (20, "sdxl", "SDXL LoCon", "LBW"), (21, "sdxl", "SDXL-LyC", "Inspire"),
+    (20, "flux", "Flux base + double", "Inspire"), (58, "flux", "Flux base + double + single", "Inspire"),
+    (61, "flux", "Flux", "LBW"),
+)
+_ITEM = re.compile(r"^\s*([A-Za-z*?][^:=\s,;]*)\s*(?::|\s)\s*([^:=\s,;]+)\s*$")
+_WORD_TOKENS = ("R", "r", "U", "u", "A", "a", "B", "b")
+
+
+def _selectable(selector: str, ids: list[str], arch: str) -> bool:
+    try:
+        _select(selector, ids, arch)
+    except BlockWeightError:
+        return False
+    return True
+
+
+def _named_suggestion(body: str, arch: str, ids: list[str]) -> str | None:
+    """`IN04=0.5, OUT*=0` when every item of `body` is a selector and a weight joined by `:` or a
+    space (`IN04:0.5`, `OUT* 0`) instead of `=`; None when it does not read that way."""
+    fixed, changed = [], False
+    for item in re.split(r"[,;\n]+", body):
+        if not item.strip():
+            continue
+        if "=" in item:
+            fixed.append(item.strip())
+            continue
+        changed = True
+        m = _ITEM.match(item)
+        if m is None or not (_NUMBER.match(m.group(2)) or m.group(2) in _WORD_TOKENS):
+            return None
+        selector = m.group(1).upper()
+        if not _selectable(selector, ids, arch):
+            return None
+        fixed.append(f"{m.group(1)}={m.group(2)}")
+    return ", ".join(fixed) if changed else None
+
+
 def _compress(ids: list[str]) -> str:
     return _ids_text(_Layout("", "", [(i, (i,)) for i in ids]))
 
@@ -546,7 +609,11 @@ def _parse_named(body, arch, ids, seed, a, b) -> BlockWeights:
         if not item:
             continue
         if "=" not in item:
-            raise BlockWeightError(f"named block weights: '{item}' is not SELECTOR=VALUE (e.g. IN04=0.5, OUT*=0)")
+            suggestion = _named_suggestion(body, arch, ids)
+            hint = (f"did you mean {suggestion}?" if suggestion is not None
+                    else f"it has no weight: did you mean {item.strip()}=<weight>, e.g. {item.strip()}=0?"
+                    if _selectable(item.strip().upper(), ids, arch) else "e.g. IN04=0.5, OUT*=0")
+            raise BlockWeightError(f"named block weights: '{item}' is not SELECTOR=VALUE; {hint}")
         selector, _, value = item.partition("=")
         selector, value = selector.strip().upper(), value.strip()
         if selector == "DEFAULT":

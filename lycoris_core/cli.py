@@ -1,13 +1,18 @@
 """`python -m lycoris_core`: inspect adapters and bake them into state dicts from the shell.
 
 Every failure is one line on stderr and a non-zero exit; outputs are written atomically, so a
-failed run leaves no partial file.
+failed run leaves no partial file. A run that would write nothing useful (an adapter that applies
+to nothing, a resize with nothing to resize, ...) is refused before it writes, naming the command
+that would do the job; so is an `--out` that would replace an input or an existing file (unless
+`--overwrite`) or that is not a .safetensors name.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 
@@ -39,14 +44,71 @@ class Progress:
 
 
 def parse_weighted(text: str, default: float = 1.0) -> tuple[str, float]:
-    """`FILE[:NUMBER]` -> (FILE, NUMBER); a colon not followed by a number belongs to the path."""
+    """`FILE[:NUMBER]` -> (FILE, NUMBER); a colon not followed by a number belongs to the path,
+    except a decimal comma (`file:0,5`), which is refused with the number it likely means."""
     path, sep, tail = text.rpartition(":")
     if sep:
         try:
             return path, float(tail)
         except ValueError:
             pass
+        if re.fullmatch(r"\s*[+-]?\d*,\d+\s*", tail) and not os.path.exists(text):
+            meant = tail.strip().replace(",", ".")
+            raise ValueError(f"{text}: '{tail}' is not a strength; did you mean {path}:{meant}? "
+                             "(strengths take a decimal point)")
     return text, default
+
+
+def check_input(path, role: str) -> None:
+    """`path` exists and is a safetensors file, else a one-line error saying what to do. A pickle
+    (.ckpt/.pt/.bin) is recognised by its first bytes, never loaded."""
+    from .errors import AdapterFormatError
+    from .safe_io import MAX_HEADER_BYTES, SafetensorsReader, _head, _starts_like_pickle
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{role} {path}: no such file; check the path")
+    if os.path.isdir(path):
+        raise ValueError(f"{role} {path} is a folder; give the .safetensors file inside it")
+    try:
+        SafetensorsReader(path).close()
+    except AdapterFormatError as error:
+        head = _head(path, 8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if _starts_like_pickle(head) or header_len > MAX_HEADER_BYTES:
+            raise ValueError(f"{path} is not a safetensors file (a pickle .ckpt?); convert it to .safetensors "
+                             "first") from None
+        raise error
+
+
+def check_output(out, inputs: dict, overwrite: bool) -> None:
+    """Refuse, before any work, an `--out` that is not a .safetensors name, whose folder is
+    missing, or that names an input or an existing file (without `overwrite`).
+    `inputs`: option -> path(s) of what the command reads."""
+    out = os.fspath(out)
+    if not out.lower().endswith(".safetensors"):
+        stem = os.path.splitext(out)[0] if out.lower().endswith((".ckpt", ".pt", ".pth", ".bin")) else out
+        raise ValueError(f"--out {out}: the output is written as safetensors; give a name ending in .safetensors "
+                         f"(e.g. {stem}.safetensors)")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {out}: the folder {folder} does not exist; create it first or choose another --out")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {out}: cannot write in the folder {folder}; choose another --out")
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a folder; give a file name ending in .safetensors")
+    if not os.path.exists(out) or overwrite:
+        return
+    for role, paths in inputs.items():
+        for path in paths if isinstance(paths, (list, tuple)) else [paths]:
+            if path and os.path.exists(path) and os.path.samefile(path, out):
+                raise ValueError(f"--out {out} is the {role} file; writing it would replace your input: choose "
+                                 "another --out (or add --overwrite to replace it)")
+    raise ValueError(f"--out {out} already exists; choose another name, or add --overwrite to replace it")
+
+
+def _command(name: str, *args: str) -> str:
+    return "python -m lycoris_core " + " ".join((name,) + args)
 
 
 def cmd_inspect(args) -> int:
@@ -56,10 +118,12 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    adapters = []
-    for spec in args.adapter:
-        path, strength = parse_weighted(spec)
-        adapters.append((load_adapter_file(path), strength))
+    specs = [parse_weighted(spec) for spec in args.adapter]
+    check_input(args.base, "--base")
+    for path, _ in specs:
+        check_input(path, "--adapter")
+    check_output(args.out, {"--base": args.base, "--adapter": [p for p, _ in specs]}, args.overwrite)
+    adapters = [(load_adapter_file(path), strength) for path, strength in specs]
     dtype = DTYPES[args.dtype] if args.dtype else None
     blocks = None
     if args.block_weights:
@@ -103,6 +167,9 @@ def _one_line(command):
 def cmd_extract(args) -> int:
     from .extract import extract
 
+    check_input(args.base, "--base")
+    check_input(args.tuned, "--tuned")
+    check_output(args.out, {"--base": args.base, "--tuned": args.tuned}, args.overwrite)
     result = extract(
         args.base, args.tuned, args.out, mode=args.mode, value=args.value,
         rank=args.rank if args.rank is not None else (32 if args.mode == "fixed" else None),
@@ -125,18 +192,40 @@ def cmd_resize(args) -> int:
         mode, value = args.mode, args.value
     if mode == "fixed" and args.rank is None:
         raise ValueError("resize needs --rank N or --energy X (or --mode with --value)")
-    result = resize(args.file, args.out, mode=mode, value=value, rank=args.rank, conv_rank=args.conv_rank,
+    check_input(args.file, "FILE")
+    check_output(args.out, {"input": args.file}, args.overwrite)
+    source = load_adapter_file(args.file)
+    if not any(a.algo == "lora" and "bias_indices" not in a.tensors for a in source.adapters.values()):
+        families = ", ".join(sorted({a.algo for a in source.adapters.values()}))
+        raise ValueError(f"{args.file} has no LoRA/LoCon module to resize (its modules are {families}); resize "
+                         "would only copy it. To turn it into a LoRA of rank N: "
+                         + _command("combine", args.file, "--rank", "N", "--out", args.out))
+    result = resize(source, None, mode=mode, value=value, rank=args.rank, conv_rank=args.conv_rank,
                     rank_pattern=parse_patterns(args.rank_pattern, "--rank-pattern", int), dtype=args.dtype,
                     progress=Progress("resize"))
+    result.save(args.out)
     _report(result, args.out)
     return 0
 
 
 @_one_line
 def cmd_slice(args) -> int:
-    from .dylora import slice_dylora
+    from .dylora import dylora_trainer, slice_dylora
 
-    result = slice_dylora(args.file, args.rank, args.out, alpha_policy=args.alpha_policy, unit=args.unit,
+    check_input(args.file, "FILE")
+    check_output(args.out, {"input": args.file}, args.overwrite)
+    source = load_adapter_file(args.file)
+    trainer, _ = dylora_trainer(source.metadata)
+    if trainer is None:
+        says = _not_dylora(source.metadata)
+        resize_it = _command("resize", args.file, "--rank", str(args.rank), "--out", args.out)
+        if says:
+            raise ValueError(f"{args.file} is not a DyLoRA ({says}): keeping its first {args.rank} ranks would "
+                             f"drop components it was trained with. To lower its rank: {resize_it}")
+        print(f"warning: {args.file}'s metadata does not say it is a DyLoRA; if it is a plain LoRA, slicing drops "
+              f"components it needs (see the relative error below); to lower a LoRA's rank: {resize_it}",
+              file=sys.stderr)
+    result = slice_dylora(source, args.rank, args.out, alpha_policy=args.alpha_policy, unit=args.unit,
                           dtype=args.dtype, progress=Progress("slice"))
     print(f"alpha policy: {result.metadata['lycoris_pack.alpha_policy']} "
           f"(trainer: {result.metadata['lycoris_pack.trainer']}, rank step {result.metadata['lycoris_pack.rank_step']})")
@@ -144,13 +233,38 @@ def cmd_slice(args) -> int:
     return 0
 
 
+def _not_dylora(metadata: dict) -> str | None:
+    """What in the metadata says the file is not a DyLoRA (None: it says nothing either way).
+    Callers have checked `dylora_trainer` found no DyLoRA trainer."""
+    module = metadata.get("ss_network_module")
+    if module:
+        return f"its metadata says ss_network_module={module}"
+    tool = metadata.get("lycoris_pack.tool")
+    if tool:
+        return f"it was written by {tool}"
+    return None
+
+
 @_one_line
 def cmd_combine(args) -> int:
     from .combine import combine
 
     inputs = [parse_weighted(spec) for spec in args.files]
-    result = combine(inputs, args.out, rank=args.rank, conv_rank=args.conv_rank, mode=args.mode, value=args.value,
+    for path, _ in inputs:
+        check_input(path, "FILE")
+    if args.base:
+        check_input(args.base, "--base")
+    check_output(args.out, {"input": [p for p, _ in inputs], "--base": args.base}, args.overwrite)
+    result = combine(inputs, None, rank=args.rank, conv_rank=args.conv_rank, mode=args.mode, value=args.value,
                      base=args.base, dtype=args.dtype, progress=Progress("combine"))
+    dense = [layer for layer in result.layers if layer.method == "materialised full diff"]
+    if dense and args.rank is None and args.mode == "fixed":
+        raise ValueError(
+            f"combining these files exactly would store {len(dense)} layers as dense full-size weights "
+            f"(e.g. {dense[0].name}: {dense[0].source} are of families that cannot be concatenated); add --rank N "
+            "to re-factorise every layer to a LoRA of rank N: "
+            + _command("combine", *args.files, "--rank", "N", "--out", args.out))
+    result.save(args.out)
     _report(result, args.out)
     return 0
 
@@ -164,6 +278,7 @@ def add_utility_commands(sub) -> None:
     p.add_argument("--base", required=True, help="base model (safetensors state dict)")
     p.add_argument("--tuned", required=True, help="fine-tuned model with the same layer names")
     p.add_argument("--out", required=True, help="output .safetensors (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (even an input file)")
     p.add_argument("--mode", choices=MODES, default="fixed",
                    help="rank rule: fixed N | threshold t (sigma > t) | ratio p (sigma > p*sigma1) | "
                         "quantile q (nuclear share) | energy p (squared-Frobenius share); default fixed")
@@ -185,6 +300,7 @@ def add_utility_commands(sub) -> None:
     p = sub.add_parser("resize", help="lower the rank of a LoRA/LoCon file (fixed rank or kept energy)")
     p.add_argument("file")
     p.add_argument("--out", required=True, help="output .safetensors (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (even an input file)")
     p.add_argument("--rank", type=int, help="new rank (with --energy or another --mode: a cap)")
     p.add_argument("--energy", type=float, help="keep this share of each layer's squared Frobenius norm")
     p.add_argument("--value", type=float, help="value of --mode (threshold / ratio / quantile / energy)")
@@ -198,6 +314,7 @@ def add_utility_commands(sub) -> None:
     p.add_argument("file")
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--out", required=True, help="output .safetensors (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (even an input file)")
     p.add_argument("--alpha-policy", choices=POLICIES, default="trainer",
                    help="trainer (default: what the file's trainer computed at this rank), sds-train, "
                         "lycoris-train, kohya-extractor (alpha kept), webui-dyn (alpha/dim kept)")
@@ -208,6 +325,7 @@ def add_utility_commands(sub) -> None:
     p = sub.add_parser("combine", help="several adapters with weights into one (exact, or SVD to a rank)")
     p.add_argument("files", nargs="+", metavar="FILE[:WEIGHT]")
     p.add_argument("--out", required=True, help="output .safetensors (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (even an input file)")
     p.add_argument("--rank", type=int, help="re-factorise to this rank (default: exact concatenation)")
     p.add_argument("--conv-rank", type=int, help="rank of k x k convs in SVD mode (default: --rank)")
     p.add_argument("--mode", choices=MODES, default="fixed", help="rank rule in SVD mode")
@@ -231,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, action="append", metavar="FILE[:STRENGTH]",
                    help="an adapter and its strength (default 1.0); repeat for several, applied in order")
     p.add_argument("--out", required=True, help="output .safetensors (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (even an input file)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of floating-point tensors in the output "
                    "(default: as in the base)")
     p.add_argument("--block-weights", metavar="TEXT", help="per-block strength for every adapter: named ids "

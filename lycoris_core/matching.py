@@ -2,8 +2,11 @@
 
 Outside ComfyUI (command line, generic state dicts) a module name matches a layer `X.weight`
 when both are equal in underscore form after stripping the known dialect prefixes, or when the
-pack's name tables give the layer of a diffusers name (whole weights only: no fused-row slices here). ComfyUI's own
-key maps are used by `nodes/` instead; both produce the same `Coverage`.
+pack's name tables give the layer of a diffusers name (whole weights only: no fused-row slices here).
+Text-encoder modules (`lora_te_`, `lora_te1_`, `lora_te2_`, `text_encoder.`, `text_encoder_2.`, all
+in HF CLIP names) find the encoders an SD1.x / SD2.x / SDXL checkpoint stores, OpenCLIP ones
+included, whose q/k/v are thirds of one fused `in_proj_weight`. ComfyUI's own key maps are used
+by `nodes/` instead; both produce the same `Coverage`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ class Coverage:
     problems: list[str] = field(default_factory=list)  # modules left out (bad shapes), one line each
     duplicates: list[str] = field(default_factory=list)  # "module: ... (applied: other)", one line each
     model_layers: int = 0  # adaptable layers in the model
+    # module -> (part, parts): the module patches rows part*n:(part+1)*n of its layer's n*parts
+    # rows (q/k/v of an OpenCLIP `in_proj_weight`); modules not here patch the whole weight
+    rows: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def untouched(self) -> int:
@@ -101,10 +107,64 @@ def duplicate_line(module: str, key: str, applied: str, rows=None) -> str:
     return f"{module}: {where} is already patched by {applied} (applied); this one left out"
 
 
+# Text encoders as checkpoints store them: (key prefix, layout, encoder number in adapter names).
+# "hf": transformers' CLIPTextModel names; "openclip": open_clip's, attention fused in in_proj.
+CHECKPOINT_TEXT_ENCODERS = (
+    ("cond_stage_model.transformer.", "hf", 1),  # SD1.x: CLIP ViT-L
+    ("cond_stage_model.model.", "openclip", 1),  # SD2.x: OpenCLIP ViT-H
+    ("conditioner.embedders.0.transformer.", "hf", 1),  # SDXL: CLIP ViT-L
+    ("conditioner.embedders.1.model.", "openclip", 2),  # SDXL: OpenCLIP ViT-bigG
+)
+# adapter prefix -> encoder number (1 for the first or only one); longest first
+TEXT_ENCODER_NAMES = (("text_encoder_2.", 2), ("text_encoder.", 1), ("lora_te1_", 1), ("lora_te2_", 2),
+                      ("lora_te_", 1))
+# open_clip resblock part -> HF CLIP layer part; `None` rows: the whole weight
+_OPENCLIP_PARTS = {
+    "attn.in_proj_weight": (("self_attn_q_proj", (0, 3)), ("self_attn_k_proj", (1, 3)), ("self_attn_v_proj", (2, 3))),
+    "attn.out_proj.weight": (("self_attn_out_proj", None),),
+    "mlp.c_fc.weight": (("mlp_fc1", None),),
+    "mlp.c_proj.weight": (("mlp_fc2", None),),
+    "ln_1.weight": (("layer_norm1", None),),
+    "ln_2.weight": (("layer_norm2", None),),
+}
+_OPENCLIP_TOP = {"ln_final.weight": "text_model_final_layer_norm",
+                 "token_embedding.weight": "text_model_embeddings_token_embedding"}
+
+
+def text_encoder_targets(model_keys) -> dict[tuple[int, str], tuple[str, tuple[int, int] | None]]:
+    """(encoder number, HF CLIP module path in underscore form) -> (weight key, rows) for the text
+    encoders among `model_keys`; `rows` is (part, parts) of a fused weight, or None."""
+    targets: dict = {}
+    for key in model_keys:
+        for prefix, layout, number in CHECKPOINT_TEXT_ENCODERS:
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix):]
+            if layout == "hf" and rest.endswith(".weight"):
+                targets[(number, rest[: -len(".weight")].replace(".", "_"))] = (key, None)
+            elif layout == "openclip":
+                if rest in _OPENCLIP_TOP:
+                    targets[(number, _OPENCLIP_TOP[rest])] = (key, None)
+                parts = rest.split(".", 3)
+                if len(parts) == 4 and parts[:2] == ["transformer", "resblocks"] and parts[2].isdigit():
+                    for name, rows in _OPENCLIP_PARTS.get(parts[3], ()):
+                        targets[(number, f"text_model_encoder_layers_{parts[2]}_{name}")] = (key, rows)
+    return targets
+
+
+def text_encoder_module(module: str) -> tuple[int, str] | None:
+    """(encoder number, HF path in underscore form) of a text-encoder module name, else None."""
+    for prefix, number in TEXT_ENCODER_NAMES:
+        if module.startswith(prefix):
+            return number, module[len(prefix):].replace(".", "_")
+    return None
+
+
 def match_generic(adapter_file, model_keys) -> Coverage:
     """Coverage of `adapter_file` on a generic state dict with keys `model_keys`."""
     keys = list(model_keys)
     index = layer_index(keys)
+    encoders = text_encoder_targets(keys)
     # diffusers names of architectures whose checkpoints name layers otherwise (name_tables)
     for name, key in whole_weight_targets(keys).items():
         index.setdefault(name.replace(".", "_"), key)
@@ -112,16 +172,24 @@ def match_generic(adapter_file, model_keys) -> Coverage:
         source=adapter_file.name,
         unknown_keys=list(adapter_file.unknown_keys),
         problems=list(adapter_file.problems),
-        model_layers=sum(1 for k in keys if k.endswith(".weight")),
+        model_layers=sum(1 for k in keys if k.endswith((".weight", ".in_proj_weight"))),
     )
     claims = TargetClaims()
     for module in adapter_file.adapters:
-        target = index.get(underscore_form(module)) or index.get(module.replace(".", "_"))
+        rows = None
+        encoder = text_encoder_module(module) if encoders else None
+        if encoder is not None and encoder in encoders:
+            target, rows = encoders[encoder]
+        else:
+            target = index.get(underscore_form(module)) or index.get(module.replace(".", "_"))
         if target is None:
             coverage.unmatched.append(module)
-        elif (applied := claims.claim(module, target)) is not None:
+        elif (applied := claims.claim(module, target, None if rows is None else (rows[0], 1))) is not None:
             # e.g. lora_te1_X and lora_te2_X on a generic dict holding one X: refuse to guess
-            coverage.duplicates.append(duplicate_line(module, target, applied))
+            where = target if rows is None else f"{target} (part {rows[0] + 1} of {rows[1]})"
+            coverage.duplicates.append(duplicate_line(module, where, applied))
         else:
             coverage.matched[module] = target
+            if rows is not None:
+                coverage.rows[module] = rows
     return coverage

@@ -18,7 +18,8 @@ from .reader import AdapterFile
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-Patches = dict[str, list[tuple[object, float, str]]]  # weight key -> [(adapter, strength, source)]
+# weight key -> [(adapter, strength, coverage, rows)]; rows: (part, parts) of a fused weight, or None
+Patches = dict[str, list[tuple[object, float, object, tuple[int, int] | None]]]
 
 
 def plan(adapters: Iterable[tuple[AdapterFile, float]], model_keys, match=match_generic,
@@ -33,23 +34,89 @@ def plan(adapters: Iterable[tuple[AdapterFile, float]], model_keys, match=match_
     for adapter_file, strength in adapters:
         coverage = match(adapter_file, keys)
         coverages.append(coverage)
+        rows = getattr(coverage, "rows", {})
         for module, weight_key in coverage.matched.items():
             layer_strength = float(strength) * (1.0 if block_weight is None else float(block_weight(weight_key)))
             if layer_strength != 0.0:
-                patches.setdefault(weight_key, []).append((adapter_file.adapters[module], layer_strength, coverage))
+                patches.setdefault(weight_key, []).append(
+                    (adapter_file.adapters[module], layer_strength, coverage, rows.get(module)))
     return patches, coverages
+
+
+def part_rows(rows: tuple[int, int] | None, height: int) -> slice:
+    """The rows of a layer of `height` rows that part `rows` = (part, parts) patches."""
+    if rows is None:
+        return slice(None)
+    part, parts = rows
+    if height % parts:
+        raise ValueError(f"{height} rows do not split into {parts} equal parts")
+    size = height // parts
+    return slice(part * size, (part + 1) * size)
+
+
+def part_shape(rows: tuple[int, int] | None, shape) -> tuple[int, ...]:
+    """The shape of the part of a weight of `shape` that `rows` patches."""
+    shape = tuple(shape)
+    if rows is None:
+        return shape
+    return (len(range(*part_rows(rows, shape[0]).indices(shape[0]))),) + shape[1:]
+
+
+def check_shapes(patches: Patches, shape_of: Callable[[str], tuple]) -> None:
+    """Drop, before anything is written, the patches whose adapter does not fit its layer's shape
+    (an adapter for another model: same names, other widths); each goes to its file's problems."""
+    for weight_key in list(patches):
+        kept = []
+        for entry in patches[weight_key]:
+            adapter, _, coverage, rows = entry
+            try:
+                adapter.check_weight(part_shape(rows, shape_of(weight_key)))
+            except (AdapterFormatError, ValueError) as error:
+                coverage.problems.append(str(error) if isinstance(error, AdapterFormatError)
+                                         else str(adapter.error(f"cannot patch {weight_key}: {error}")))
+                coverage.matched.pop(adapter.name, None)
+                continue
+            kept.append(entry)
+        if kept:
+            patches[weight_key] = kept
+        else:
+            del patches[weight_key]
+
+
+def nothing_applied(coverage: Coverage, base_path) -> AdapterFormatError:
+    """The error for an adapter of which no module fits the model: what was tried, and why not."""
+    why = []
+    if coverage.unmatched:
+        why.append(f"{len(coverage.unmatched)} modules name no layer of it (e.g. {coverage.unmatched[0]})")
+    if coverage.problems:
+        why.append(f"{len(coverage.problems)} do not fit their layer's shape (e.g. {coverage.problems[0]})")
+    if coverage.duplicates:
+        why.append(f"{len(coverage.duplicates)} duplicates")
+    return AdapterFormatError(
+        f"nothing applied: no module of {coverage.source} fits a layer of {base_path} "
+        f"({'; '.join(why) or 'the adapter has no modules'}); is the adapter for another base model? "
+        "nothing was written")
 
 
 def patch_layer(weight_key: str, weight, bias, layer_patches, inplace: bool = False):
     """Apply `layer_patches` to one layer in fp32. A patch whose shape does not fit is skipped
     and reported on its file's coverage; the layer keeps the other patches. `inplace`: the
-    caller owns `weight`, which may be overwritten."""
+    caller owns `weight`, which may be overwritten. A patch on part of a fused weight (`rows`)
+    patches those rows only."""
     w = weight.to(torch.float32)
     b = None if bias is None else bias.to(torch.float32)
+    owned = inplace or w.data_ptr() != weight.data_ptr()
+    owned_b = inplace or b is None or b.data_ptr() != bias.data_ptr()
     applied = False
-    for adapter, strength, coverage in layer_patches:
+    for entry in layer_patches:
+        adapter, strength, coverage = entry[:3]
+        rows = entry[3] if len(entry) > 3 else None
         try:
-            w_new, b_new = adapter.patch(w, strength, b, inplace=inplace or applied)
+            if rows is None:
+                w_new, b_new = adapter.patch(w, strength, b, inplace=owned)
+            else:
+                part = part_rows(rows, w.shape[0])
+                w_part, b_part = adapter.patch(w[part], strength, None if b is None else b[part], inplace=False)
         except AdapterFormatError as error:
             coverage.problems.append(str(error))
             coverage.matched.pop(adapter.name, None)
@@ -58,9 +125,22 @@ def patch_layer(weight_key: str, weight, bias, layer_patches, inplace: bool = Fa
             coverage.problems.append(str(adapter.error(f"cannot patch {weight_key} {list(weight.shape)}: {error}")))
             coverage.matched.pop(adapter.name, None)
             continue
+        if rows is not None:
+            if not _finite(w_part) or (b_part is not None and not _finite(b_part)):
+                raise adapter.error(f"patching {weight_key} gives NaN or Inf values; nothing was written")
+            if not owned:
+                w, owned = w.clone(), True
+            w[part] = w_part
+            if b_part is not None and b is not None:
+                if not owned_b:
+                    b, owned_b = b.clone(), True
+                b[part] = b_part
+            applied = True
+            continue
         if not _finite(w_new) or (b_new is not None and not _finite(b_new)):
             raise adapter.error(f"patching {weight_key} gives NaN or Inf values; nothing was written")
         w, b, applied = w_new, (b_new if b_new is not None else b), True
+        owned = owned_b = True
     return w, b, applied
 
 
@@ -97,6 +177,26 @@ def merge_into_state_dict(state_dict: dict, adapters, dtype: torch.dtype | None 
     return merged, coverages
 
 
+def _is_text_encoder(module: str) -> bool:
+    return module.startswith(("lora_te", "text_encoder"))
+
+
+def _refuse_if_nothing_applied(adapters, coverages, base_path) -> None:
+    """Raise when an adapter applies to nothing, or has diffusion-model modules of which none
+    applies (an SDXL adapter on SD1.5 whose CLIP-L part fits: the file would be a useless copy)."""
+    for (adapter_file, _), coverage in zip(adapters, coverages):
+        if not coverage.matched:
+            raise nothing_applied(coverage, base_path)
+        model_modules = [m for m in adapter_file.adapters if not _is_text_encoder(m)]
+        if model_modules and all(_is_text_encoder(m) for m in coverage.matched):
+            example = next((m for m in coverage.unmatched if not _is_text_encoder(m)), None) or (
+                coverage.problems[0] if coverage.problems else model_modules[0])
+            raise AdapterFormatError(
+                f"nothing of {coverage.source} applies to the diffusion model of {base_path}: none of its "
+                f"{len(model_modules)} model modules fits (e.g. {example}), only {len(coverage.matched)} "
+                "text-encoder modules do; is the adapter for another base model? nothing was written")
+
+
 def merge_files(base_path, adapters, out_path, dtype: torch.dtype | None = None,
                 progress: Callable[[int, int], None] | None = None, match=match_generic,
                 block_weight: Callable[[str], float] | None = None) -> list[Coverage]:
@@ -105,16 +205,12 @@ def merge_files(base_path, adapters, out_path, dtype: torch.dtype | None = None,
     `block_weight(key)` scales the strength per weight key (see `plan`)."""
     from .safe_io import SafetensorsReader, write_tensors_streamed
 
+    adapters = list(adapters)
     with SafetensorsReader(base_path) as reader:
         keys = reader.keys()
         patches, coverages = plan(adapters, keys, match, block_weight)
-        for coverage in coverages:
-            if not coverage.matched:
-                raise AdapterFormatError(
-                    f"no module of {coverage.source} matches a layer of this model "
-                    f"(first module: {next(iter(coverage.unmatched), '-')}); nothing was written",
-                    path=base_path,
-                )
+        check_shapes(patches, reader.shape)
+        _refuse_if_nothing_applied(adapters, coverages, base_path)
         key_set = set(keys)
         layer_of = {k: k for k in patches}
         layer_of.update({_bias_key(k): k for k in patches if _bias_key(k) in key_set})
@@ -146,5 +242,11 @@ def merge_files(base_path, adapters, out_path, dtype: torch.dtype | None = None,
             pending.update(results)
             return value.to(out_dtypes[key])
 
-        write_tensors_streamed(out_path, specs, produce, metadata=reader.metadata)
+        def produce_checked(key: str) -> torch.Tensor:
+            value = produce(key)
+            if done[0] == len(keys):  # the last tensor: a file whose patches all failed is not kept
+                _refuse_if_nothing_applied(adapters, coverages, base_path)
+            return value
+
+        write_tensors_streamed(out_path, specs, produce_checked, metadata=reader.metadata)
     return coverages

@@ -4,6 +4,8 @@ way whatever dialect the user typed (Inspire or LBW vectors, presets, named ids)
 
 from __future__ import annotations
 
+import logging
+
 from ..lycoris_core.block_weights import BlockWeightError, parse_block_weights, shipped_presets
 from ..lycoris_core.blocks import ARCHITECTURES, architecture_blocks, detect_architecture
 from .presets import user_presets
@@ -11,6 +13,8 @@ from .presets import user_presets
 CATEGORY = "loaders/lycoris"
 NONE = "none"
 AUTO = "auto"
+# shown in an empty block_weights box (here and on the loaders): what to type
+PLACEHOLDER = "e.g. IN04=0.5, OUT*=0  (or a preset name such as SD-INS, or an Inspire/LBW vector)"
 
 
 def model_keys(model, clip=None) -> list[str]:
@@ -54,7 +58,8 @@ class LycorisBlockWeight:
         return {"required": {
             "preset": ([NONE] + presets, {"default": NONE, "tooltip": "A named preset (Inspire-Pack's SD-*, "
                        "SDXL-*, FLUX-*, sd-webui LBW's, or yours from user_presets/). Used when weights is empty."}),
-            "weights": ("STRING", {"default": "", "multiline": True, "tooltip": "Named blocks (IN04=0.5, OUT*=0, "
+            "weights": ("STRING", {"default": "", "multiline": True, "placeholder": PLACEHOLDER,
+                        "tooltip": "Named blocks (IN04=0.5, OUT*=0, "
                         "D00-D18=1, TE=0), an Inspire or LBW vector, or a preset name. Blocks not named stay at 1. "
                         "Empty: the preset, or every block at 1."}),
             "architecture": ([AUTO] + [a for a in ARCHITECTURES if a != "unknown"], {"default": AUTO,
@@ -84,5 +89,7 @@ class LycorisBlockWeight:
             lines.append(f"  note: the model is {blocks.architecture}; the architecture input ({architecture}) "
                          "was not used")
         lines += [f"  warning: {w}" for w in blocks.warnings]
+        for warning in blocks.warnings:
+            logging.warning("LyCORIS Block Weight: %s", warning)
         report = "\n".join(lines)
         return {"ui": {"text": [report]}, "result": (blocks.describe(compact=True), report)}

@@ -98,7 +98,9 @@ class LycorisMergeToCheckpoint(ReportNode):
             "output_name": ("STRING", {"default": "merged_lycoris", "tooltip": "File name in the checkpoints "
                             "folder (sanitised; .safetensors is added). An existing file of that name is replaced."}),
         }, "optional": {
-            "block_weights": ("STRING", {"default": "", "multiline": True, "tooltip": "Per-block strength for "
+            "block_weights": ("STRING", {"default": "", "multiline": True,
+                              "placeholder": "e.g. IN04=0.5, OUT*=0  (or a preset name such as SD-INS, or an "
+                              "Inspire/LBW vector)", "tooltip": "Per-block strength for "
                               "every adapter (named ids, an Inspire/LBW vector or a preset; see LyCORIS Block "
                               "Weight). Empty: every block at 1. A block at 0 is copied unchanged."}),
         }}

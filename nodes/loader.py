@@ -91,7 +91,9 @@ class LycorisLoader:
                              "bypass: the adapter runs beside every Linear/Conv layer and the base weights are never "
                              "changed."}),
         }, "optional": {
-            "block_weights": ("STRING", {"default": "", "multiline": True, "tooltip": "Per-block strength: named "
+            "block_weights": ("STRING", {"default": "", "multiline": True,
+                              "placeholder": "e.g. IN04=0.5, OUT*=0  (or a preset name such as SD-INS, or an "
+                              "Inspire/LBW vector)", "tooltip": "Per-block strength: named "
                               "blocks (IN04=0.5, OUT*=0, D00-D18=1, TE=1), an Inspire or sd-webui LBW vector, or a "
                               "preset name (SD-ALL, INS, ...). Empty: every block at 1. A block at 0 is untouched."}),
         }}

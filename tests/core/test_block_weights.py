@@ -251,3 +251,39 @@ def test_user_preset_file(tmp_path):
     assert parse("ALIAS", presets=presets).vector == face.vector
     with pytest.raises(BlockWeightError, match="cannot read"):
         load_preset_file(tmp_path / "missing.txt")
+
+
+# -- what a new user types (issue 22) ---------------------------------------------------------
+
+@pytest.mark.parametrize("text, meant", [
+    ("IN04:0.5", "IN04=0.5"),
+    ("IN04:0.5, OUT*:0", "IN04=0.5, OUT*=0"),
+    ("IN04=0.5, OUT03:0", "IN04=0.5, OUT03=0"),
+    ("IN04 0.5", "IN04=0.5"),
+    ("IN04=1; mid 0.25", "IN04=1, mid=0.25"),
+])
+def test_colon_or_missing_equals_sign_says_what_was_meant(text, meant):
+    with pytest.raises(BlockWeightError) as error:
+        parse(text)
+    assert f"did you mean {meant}?" in str(error.value)
+    assert "value(s) given" not in str(error.value)  # not the list of vector lengths
+
+
+def test_selector_without_a_weight():
+    with pytest.raises(BlockWeightError, match=r"'OUT' is not SELECTOR=VALUE; it has no weight: did you mean OUT="):
+        parse("IN04=1, OUT")
+    pasted = parse("MINE:" + ",".join(["1"] + ["0"] * 16))  # a pasted NAME:vector line still reads
+    assert pasted.vector == ones(SD1, "BASE", "TE")
+
+
+def test_a_vector_of_another_architecture_is_flagged():
+    sdxl_on_sd1 = parse(",".join(["1"] * 5 + ["0"] * 7), "sd1")  # LBW's SDXL 12: read by id, with a warning
+    assert sdxl_on_sd1.weight("IN04") == 1 and sdxl_on_sd1.weight("OUT00") == 0
+    assert "SDXL layout, but this model is sd1" in sdxl_on_sd1.warnings[0]
+    assert any("SDXL layout" in w for w in parse(",".join(["1"] * 20), "sd1").warnings)
+    assert any("SD1 layout, but this model is sdxl" in w for w in parse(",".join(["1"] * 26), "sdxl").warnings)
+    assert not any("layout, but" in w for w in parse(",".join(["1"] * 17), "sd1").warnings)  # its own
+    assert not any("layout, but" in w for w in parse("ALL", "sdxl").warnings)  # LBW's presets scatter by design
+    with pytest.raises(BlockWeightError, match=r"17 values is the SD1 LoRA \(Inspire/LBW\) layout: weights for "
+                                               r"another model\?"):
+        parse(",".join(["1"] * 17), "flux")

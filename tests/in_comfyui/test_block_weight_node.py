@@ -170,3 +170,34 @@ def test_inspire_parameters_seed_a_b_inverse(pack, setup):
     first, again, other = (weights(text="SD-ROUT", seed=s) for s in (5, 5, 6))
     assert first.weight("OUT05") == again.weight("OUT05") != other.weight("OUT05")
     assert 0.0 <= first.weight("OUT05") < 3.0 and first.weight("IN01") == 1.0
+
+
+def test_block_weight_inputs_show_an_example(pack):
+    """Every block-weight text box (Block Weight's `weights`, each node's `block_weights`) carries a
+    placeholder with a named example, which both front ends show in an empty multiline box."""
+    boxes = []
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        for group in cls.INPUT_TYPES().values():
+            for input_name, spec in group.items():
+                if input_name == "block_weights" or (name == "LycorisBlockWeight" and input_name == "weights"):
+                    boxes.append((name, input_name, spec[1]))
+    assert {n for n, _, _ in boxes} >= {"LycorisBlockWeight", "LycorisLoader", "LycorisLoaderModelOnly"}
+    for name, input_name, options in boxes:
+        assert options.get("multiline") and "IN04=0.5" in options.get("placeholder", ""), (name, input_name)
+
+
+def test_typing_mistakes_and_other_architectures(pack, setup, caplog):
+    model, path, _, _ = setup
+    node = pack.NODE_CLASS_MAPPINGS["LycorisBlockWeight"]()
+    with pytest.raises(ValueError, match=r"did you mean IN04=0\.5\?"):
+        node.run("none", "IN04:0.5", "auto", model)
+    with pytest.raises(ValueError, match=r"did you mean IN04=0\.5, OUT03=0\?"):
+        node.run("none", "IN04=0.5, OUT03 0", "auto", model)
+    sdxl_vector = "1,0,0,0,0,1,1,1,1,1,1,1"  # sd-webui LBW's SDXL 12 on this SD1 model
+    with caplog.at_level("WARNING"):
+        _, report = node.run("none", sdxl_vector, "auto", model)["result"]
+    assert "warning: 12 values is sd-webui LBW's SDXL layout, but this model is sd1" in report, report
+    assert any("SDXL layout" in record.getMessage() for record in caplog.records)
+    loader = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
+    _, text = loader.load(model, path.name, 1.0, "merge", sdxl_vector)["result"]
+    assert "SDXL layout, but this model is sd1" in text, text
