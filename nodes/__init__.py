@@ -4,6 +4,7 @@ from .block_weight_node import LycorisBlockWeight
 from .checkpoint_merge import LycorisMergeToCheckpoint
 from .inspect_node import LycorisInspect
 from .loader import LycorisLoader, LycorisLoaderModelOnly
+from .schedule_node import LycorisSchedule
 from .utilities import LycorisCombine, LycorisDyLoRASlice, LycorisExtract, LycorisResize
 from . import routes  # noqa: F401  (registers the HTTP routes when running inside a ComfyUI server)
 
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
     "LycorisExtract": LycorisExtract,
     "LycorisMergeToCheckpoint": LycorisMergeToCheckpoint,
     "LycorisInspect": LycorisInspect,
+    "LycorisSchedule": LycorisSchedule,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LycorisLoader": "Load LyCORIS",
@@ -28,4 +30,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LycorisExtract": "Extract LyCORIS",
     "LycorisMergeToCheckpoint": "Merge LyCORIS to checkpoint",
     "LycorisInspect": "Inspect LyCORIS",
+    "LycorisSchedule": "LyCORIS Schedule",
 }

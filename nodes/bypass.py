@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lycoris_core.algos.base import COMPUTE_DTYPE, chain_inputs, patching_cheaper, plan_bypass, tensor_version
+from .call_state import strengths_now
 from .layers import computes_on_cast_weight, geometry, is_quantized_tensor
 
 try:
@@ -108,7 +109,19 @@ class BypassForward:
     def __call__(self, x, *args, **kwargs):
         if not self.active:  # ejected, then put back by another patch's eject: the layer as it was
             return self._base_forward()(x, *args, **kwargs)
-        entries = self._adapters_on(x.device)
+        per_chunk, entries = strengths_now(self._adapters_on(x.device))
+        if per_chunk is not None and x.shape[0] % len(per_chunk) == 0:
+            # scheduled strengths that differ between the positive and negative rows of the batch
+            return torch.cat([self._run(part, chunk, args, kwargs) if chunk else self._base_forward()(part, *args, **kwargs)
+                              for part, chunk in zip(x.chunk(len(per_chunk)), per_chunk)])
+        if per_chunk is not None:
+            entries = per_chunk[0]
+        if not entries:  # every adapter of the layer is at strength 0 for this call
+            return self._base_forward()(x, *args, **kwargs)
+        return self._run(x, entries, args, kwargs)
+
+    def _run(self, x, entries, args, kwargs):
+        """The layer's forward with `entries` ((adapter, strength, offset), strengths numbers)."""
         own_op = self.patchable and not args and not kwargs
         if own_op and self._patching_cheaper(x, entries):
             out = self._patched_forward(x, entries)

@@ -24,7 +24,7 @@ def _adapter_path(name: str) -> str:
     return path
 
 
-def load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mode, block_weights=""):
+def load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mode, block_weights="", schedule=None):
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}'; expected one of {', '.join(MODES)}")
     path = _adapter_path(lycoris_name)
@@ -35,7 +35,7 @@ def load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mod
         adapter_file = load_cached(path)
         new_model, new_clip, report = apply_adapter_file(
             model, clip, adapter_file, strength_model, strength_clip, mode,
-            block_weight=None if blocks is None else blocks.weight_for_key)
+            block_weight=None if blocks is None else blocks.weight_for_key, schedule=schedule)
     except (AdapterFormatError, BlockWeightError) as error:
         raise ValueError(f"Load LyCORIS: {error}") from None
     _attach_metadata(new_model, new_clip, adapter_file.metadata)
@@ -96,11 +96,15 @@ class LycorisLoader:
                               "Inspire/LBW vector)", "tooltip": "Per-block strength: named "
                               "blocks (IN04=0.5, OUT*=0, D00-D18=1, TE=1), an Inspire or sd-webui LBW vector, or a "
                               "preset name (SD-ALL, INS, ...). Empty: every block at 1. A block at 0 is untouched."}),
+            "schedule": ("LYCORIS_SCHEDULE", {"tooltip": "From a LyCORIS Schedule node: when the adapter acts "
+                         "while sampling (first steps, last steps, a ramp, another strength on the negative pass). "
+                         "A scheduled adapter runs beside the layers whatever the mode."}),
         }}
 
-    def load(self, model, clip, lycoris_name, strength_model, strength_clip, mode="auto", block_weights=""):
+    def load(self, model, clip, lycoris_name, strength_model, strength_clip, mode="auto", block_weights="",
+             schedule=None):
         new_model, new_clip, text = load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mode,
-                                                   block_weights)
+                                                   block_weights, schedule)
         # the report also goes to the UI / the prompt history, where API users read it
         return {"ui": {"text": [text]}, "result": (new_model, new_clip, text)}
 
@@ -120,6 +124,7 @@ class LycorisLoaderModelOnly:
         return {"required": {k: required[k] for k in ("model", "lycoris_name", "strength_model", "mode")},
                 "optional": types["optional"]}
 
-    def load(self, model, lycoris_name, strength_model, mode="auto", block_weights=""):
-        new_model, _, text = load_and_apply(model, None, lycoris_name, strength_model, 0.0, mode, block_weights)
+    def load(self, model, lycoris_name, strength_model, mode="auto", block_weights="", schedule=None):
+        new_model, _, text = load_and_apply(model, None, lycoris_name, strength_model, 0.0, mode, block_weights,
+                                            schedule)
         return {"ui": {"text": [text]}, "result": (new_model, text)}

@@ -11,6 +11,7 @@ inputs are never modified. Layer shapes and kinds come from nodes/layers.py, nev
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 from ..lycoris_core import AdapterFormatError
@@ -18,6 +19,7 @@ from ..lycoris_core.algos.tlora import current_timestep
 from ..lycoris_core.matching import Coverage, TargetClaims, duplicate_line
 from ..lycoris_core.reader import trainer_notes
 from .bypass import add_bypass
+from .call_state import CallState, ScheduledStrength, check_schedule_runtime, publish_calls
 from .key_map import build_key_map, is_text_encoder_module, resolve, target_key
 from .layers import geometry, is_weight_layer, logical_weight_shape, module_of, precision, stored_format
 from .patches import LAZY, diff_patch, embed_slice, lazy_patch
@@ -35,9 +37,17 @@ class LoadReport:
     not_bypassed: list[str] = field(default_factory=list)  # layers bypass was asked for but cannot serve
     merged_quantized: dict[str, int] = field(default_factory=dict)  # stored format -> layers merged into it
     targets: dict[str, str] = field(default_factory=dict)  # module -> "model" | "clip"
+    scheduled: int = 0  # layers whose strength follows a schedule
+    schedule: str = ""  # the schedule, in words
+    bypass_bytes: int = 0  # the adapters' fp32 copies bypass keeps on each compute device
+    bypass_transient: int = 0  # the largest transient weight a patched-form call makes
 
     def count_bypass(self, adapter, layer_geometry, quantized: str | None) -> None:
         self.bypassed += 1
+        self.bypass_bytes += sum(4 * t.numel() for t in adapter.tensors.values() if t.is_floating_point())
+        weight = math.prod(layer_geometry.weight_shape or (0,))
+        # the fp32 working copy and its cast back (DoRA also builds W + dW for its norms)
+        self.bypass_transient = max(self.bypass_transient, weight * (4 + 2 + (4 if adapter.has_dora else 0)))
         if quantized:
             self.bypassed_quantized[quantized] = self.bypassed_quantized.get(quantized, 0) + 1
         if adapter.bypass_is_dense(layer_geometry):
@@ -62,6 +72,12 @@ class LoadReport:
                             f"(no factored form: {dense})" if dense else "")
                          + (f"; on quantized weights: {_counts(self.bypassed_quantized)}"
                             if self.bypassed_quantized else ""))
+            lines.append(f"bypass memory: {_megabytes(self.bypass_bytes)} of adapter copies per compute device "
+                         f"(freed when the model unloads) and up to {_megabytes(self.bypass_transient)} per layer "
+                         "call, outside ComfyUI's memory estimate")
+        if self.schedule:
+            lines.append(f"schedule: {self.schedule}; {self.scheduled} layers follow it in bypass (the adapter "
+                         "runs beside the layer, so its strength can change every step)")
         lines.extend(self.notes() + self.warnings())
         if self.skipped_text_encoder:
             lines.append(f"skipped: {len(self.skipped_text_encoder)} text-encoder modules (no CLIP input)")
@@ -75,7 +91,8 @@ class LoadReport:
         if self.not_bypassed:
             shown = ", ".join(self.not_bypassed[:5]) + (", ..." if len(self.not_bypassed) > 5 else "")
             out.append(f"warning: {len(self.not_bypassed)} layers cannot be bypassed (not a Linear/Conv "
-                       f"layer, a norm adapter, or rows ComfyUI reorders) and were merged instead: {shown}")
+                       f"layer, a norm adapter, or rows ComfyUI reorders) and were merged instead"
+                       + (" at full strength, unscheduled" if self.schedule else "") + f": {shown}")
         rounded = {f: n for f, n in self.merged_quantized.items() if not f.startswith("gguf")}
         if rounded:
             kept = "; ".join(f"{f} keeps {precision(f)}" for f in sorted(rounded))
@@ -93,12 +110,16 @@ class LoadReport:
                 "weight at every step (exact, with a dense patch per layer per step)"]
 
 
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
 def _counts(counts: dict) -> str:
     return ", ".join(f"{name} x{n}" for name, n in sorted(counts.items()))
 
 
 def apply_adapter_file(model, clip, adapter_file, strength_model: float, strength_clip: float, mode: str = "merge",
-                       block_weight=None):
+                       block_weight=None, schedule=None):
     """(new model, new clip, LoadReport). A side with strength 0 (or None input) is left as is.
 
     mode "merge": weight patches; "bypass": the adapters run in the forward of Linear/Conv-like
@@ -107,8 +128,15 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
     `block_weight(key) -> float` multiplies each layer's strength by its block's weight; a
     layer whose strength ends at 0 is left untouched (bit-identical).
 
+    `schedule` (lycoris_core.schedule.Schedule): the model side's strength follows it call by call,
+    so its layers run in bypass whatever the mode (text encoders run once per prompt: unscheduled).
+
     Raises AdapterFormatError when nothing of the file matches the model.
     """
+    state = None
+    if schedule is not None and model is not None and strength_model != 0:
+        state = CallState()
+        check_schedule_runtime(schedule)
     use_model = model is not None and strength_model != 0
     use_clip = clip is not None and strength_clip != 0
     key_map = build_key_map(model, clip)
@@ -163,9 +191,12 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
                 shape[offset[0]] = offset[2]
             adapter.check_weight(tuple(shape))
             quantized = stored_format(layer) if layer is not None else None
-            wants_bypass = active and (mode == "bypass" or (mode == "auto" and quantized is not None))
+            scheduled = state is not None and side == "model"
+            wants_bypass = active and (scheduled or mode == "bypass" or (mode == "auto" and quantized is not None))
             if wants_bypass and reorder is None and _bypassable(layer, adapter):
-                bypassed[side].append((key[: -len(".weight")], adapter, strength, offset))
+                value = ScheduledStrength(strength, schedule, state) if scheduled else strength
+                bypassed[side].append((key[: -len(".weight")], adapter, value, offset))
+                report.scheduled += scheduled
                 report.count_bypass(adapter, geometry(layer), quantized)
             elif active:
                 if wants_bypass:
@@ -213,6 +244,9 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
         logging.warning("LyCORIS %s: %s", adapter_file.name, line)
     if any(adapter.algo == "tlora" for _, adapter, _, _ in bypassed["model"]):
         _publish_timestep(new_model)
+    if state is not None and report.scheduled:
+        publish_calls(new_model, state)
+        report.schedule = schedule.describe()
     return new_model, new_clip, report
 
 
