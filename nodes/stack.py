@@ -327,14 +327,16 @@ if io is not None:
     LoraStackType = io.Custom("LORA_STACK")
 
     def _row_inputs(count: int) -> list:
+        """Row groups 1..count. All optional: the front-end lists required inputs before optional
+        ones, so mixing them would scatter a row's fields; a row without lora_name is an error."""
         inputs = []
         for n in range(1, count + 1):
             inputs += [
                 io.Boolean.Input(f"on_{n}", default=True, optional=True, tooltip=TIPS["on"]),
                 io.Combo.Input(f"lora_name_{n}", options=folder_paths.get_filename_list("loras"),
-                               tooltip=TIPS["lora_name"]),
+                               optional=True, tooltip=TIPS["lora_name"]),
                 io.Float.Input(f"strength_model_{n}", default=1.0, min=STRENGTH["min"], max=STRENGTH["max"],
-                               step=STRENGTH["step"], tooltip=TIPS["strength_model"]),
+                               step=STRENGTH["step"], optional=True, tooltip=TIPS["strength_model"]),
                 io.Float.Input(f"strength_clip_{n}", default=1.0, min=STRENGTH["min"], max=STRENGTH["max"],
                                step=STRENGTH["step"], optional=True, tooltip=TIPS["strength_clip"]),
                 io.Combo.Input(f"mode_{n}", options=MODES, default="auto", optional=True, tooltip=TIPS["mode"]),

@@ -212,7 +212,9 @@ def test_schema_declares_rows_as_inputs(pack):
         kind, options = types["required"]["rows"]
         assert kind == "COMFY_DYNAMICCOMBO_V3"
         three = next(o for o in options["options"] if o["key"] == "3")
-        assert {"lora_name_3", "strength_model_3"} <= set(three["inputs"]["required"])
-        assert {"on_3", "mode_3", "expert_3", "block_weights_3", "strength_clip_3"} <= set(three["inputs"]["optional"])
+        # all optional, in row order (the front-end shows required inputs first)
+        assert list(three["inputs"]["optional"])[:8] == ["on_1", "lora_name_1", "strength_model_1", "strength_clip_1",
+                                                          "mode_1", "expert_1", "block_weights_1", "on_2"]
+        assert not three["inputs"].get("required")
     else:
         assert "rows" in types["required"] and "rows.lora_name_10" in types["optional"]
