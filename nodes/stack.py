@@ -39,7 +39,7 @@ MAX_ROWS = 10
 EXPERTS = ["both", "high", "low"]
 ROW_COUNTS = [str(n) for n in range(MAX_ROWS + 1)]
 DEFAULT_ROWS = "1"
-_TWIN = re.compile(r"(high|low)([_\-. ]?noise)", re.IGNORECASE)
+_TWIN = re.compile(r"(?<![a-z])(high|low)([_\-. ]?noise)", re.IGNORECASE)
 
 TIPS = {
     "model": "The diffusion model (for Wan 2.2: the high-noise expert).",
@@ -159,8 +159,8 @@ def twin_name(name: str) -> str | None:
     word = match.group(1)
     other = "low" if word.lower() == "high" else "high"
     other = other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
-    twin = os.path.join(folder, base[: match.start(1)] + other + base[match.end(1):]) if folder else \
-        base[: match.start(1)] + other + base[match.end(1):]
+    twin_base = base[: match.start(1)] + other + base[match.end(1):]
+    twin = os.path.join(folder, twin_base) if folder else twin_base
     path = folder_paths.get_full_path("loras", twin)
     original = folder_paths.get_full_path("loras", name)
     if path is None or (original is not None and os.path.dirname(path) != os.path.dirname(original)):
