@@ -138,7 +138,7 @@ def rows_from_lora_stack(lora_stack) -> list[Row]:
     return rows
 
 
-def _resolve(name: str) -> str:
+def resolve_adapter(name: str) -> str:
     """The file of a row: a name in the loras folders, or (from other packs' stacks) an absolute
     path that lies inside them."""
     if os.path.isabs(name) and os.path.isfile(name):
@@ -210,7 +210,7 @@ def apply_stack(model, clip, model_low, rows: list[Row]):
         layers = set()
         for i, (expert, name) in enumerate(targets):
             with_clip = clip if i == 0 else None
-            path = _resolve(name)
+            path = resolve_adapter(name)
             where = f"{row.label} ({name})"
             try:
                 blocks = None

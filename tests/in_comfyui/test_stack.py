@@ -218,3 +218,26 @@ def test_schema_declares_rows_as_inputs(pack):
         assert not three["inputs"].get("required")
     else:
         assert "rows" in types["required"] and "rows.lora_name_10" in types["optional"]
+
+
+def test_combine_takes_a_lora_stack(pack, tmp_path):
+    """Combine LyCORIS with the stack's LORA_STACK gives the file it gives with the same files chosen by name."""
+    from lycoris_pack.lycoris_core import load_adapter_file, merge_into_state_dict
+
+    _folder(tmp_path, pack)
+    model = tiny_sd15()
+    root = model.model.diffusion_model
+    lycoris_file(root, tmp_path / "a.safetensors", "lora_unet_", "lora", seed=1)
+    lycoris_file(root, tmp_path / "b.safetensors", "lora_unet_", "lora", seed=2)
+    out = stack(pack, model, [{"lora_name": "a.safetensors", "strength_model": 0.5, "strength_clip": 0.0},
+                              {"lora_name": "b.safetensors", "strength_model": -1.2, "strength_clip": 0.0}])
+    node = pack.NODE_CLASS_MAPPINGS["LycorisCombine"]()
+    node.run("none", 1.0, "none", 1.0, "none", 1.0, 0, "from_stack", lora_stack=out[5])
+    node.run("a.safetensors", 0.5, "b.safetensors", -1.2, "none", 1.0, 0, "by_name")
+    base = {k: v.clone() for k, v in root.state_dict().items()}
+    one, _ = merge_into_state_dict(base, [(load_adapter_file(tmp_path / "from_stack.safetensors"), 1.0)])
+    two, _ = merge_into_state_dict(base, [(load_adapter_file(tmp_path / "by_name.safetensors"), 1.0)])
+    for key in base:
+        assert torch.equal(one[key], two[key]), key
+    with pytest.raises(ValueError, match="at least two adapters"):
+        node.run("a.safetensors", 1.0, "none", 1.0, "none", 1.0, 0, "one")
