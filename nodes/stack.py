@@ -362,7 +362,9 @@ if io is not None:
                     io.Model.Input("model_low", optional=True, tooltip=TIPS["model_low"]),
                     LoraStackType.Input("lora_stack", optional=True, tooltip=TIPS["lora_stack"]),
                     io.DynamicCombo.Input("rows", tooltip=TIPS["rows"], options=[
-                        io.DynamicCombo.Option(count, _row_inputs(int(count))) for count in ROW_COUNTS]),
+                        # the front-end starts a new node at the first option: one row; "0" (only
+                        # lora_stack) comes last
+                        io.DynamicCombo.Option(count, _row_inputs(int(count))) for count in ROW_COUNTS[1:] + ["0"]]),
                 ],
                 outputs=[
                     io.Model.Output("MODEL", display_name="MODEL", tooltip=OUTPUT_TIPS[0]),

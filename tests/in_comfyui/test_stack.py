@@ -211,6 +211,7 @@ def test_schema_declares_rows_as_inputs(pack):
     if hasattr(node, "define_schema"):
         kind, options = types["required"]["rows"]
         assert kind == "COMFY_DYNAMICCOMBO_V3"
+        assert options["options"][0]["key"] == "1"  # a new node starts with one row
         three = next(o for o in options["options"] if o["key"] == "3")
         # all optional, in row order (the front-end shows required inputs first)
         assert list(three["inputs"]["optional"])[:8] == ["on_1", "lora_name_1", "strength_model_1", "strength_clip_1",
