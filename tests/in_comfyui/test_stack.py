@@ -71,7 +71,10 @@ def _rows(mode, block_weights=""):
 
 
 def _effect_error(y, y_ref, y_base) -> float:
-    return float((y - y_ref).norm() / (y - y_base).norm())
+    """|stack - chain| relative to the stack's effect on the output (printed: pytest -s shows the figures)."""
+    error = float((y - y_ref).norm() / (y - y_base).norm())
+    print(f"stack vs chained loaders: {error:.1e} of the stack's effect")
+    return error
 
 
 @pytest.mark.parametrize("mode", ["merge", "bypass", "auto"])
@@ -242,3 +245,20 @@ def test_combine_takes_a_lora_stack(pack, tmp_path):
         assert torch.equal(one[key], two[key]), key
     with pytest.raises(ValueError, match="at least two adapters"):
         node.run("a.safetensors", 1.0, "none", 1.0, "none", 1.0, 0, "one")
+
+
+@pytest.mark.parametrize("mode", ["merge", "bypass"])
+def test_stack_equals_comfyuis_own_loraloader_chain(pack, tmp_path, mode):
+    """An independent oracle: ComfyUI's own LoraLoader, once per file (LoCon and LoKr, which it reads right)."""
+    import nodes
+
+    _folder(tmp_path, pack)
+    model = tiny_sd15()
+    _files(tmp_path, model.model.diffusion_model)
+    rows = _rows(mode)[:2]
+    theirs = model
+    for row in rows:
+        theirs, _ = nodes.LoraLoader().load_lora(theirs, None, row["lora_name"], row["strength_model"], 0.0)
+    ours = stack(pack, model, rows)[0]
+    y_base = unet_output(model, *_sd_inputs())
+    assert _effect_error(unet_output(ours, *_sd_inputs()), unet_output(theirs, *_sd_inputs()), y_base) <= 1e-5
