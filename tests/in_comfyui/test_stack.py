@@ -262,3 +262,41 @@ def test_stack_equals_comfyuis_own_loraloader_chain(pack, tmp_path, mode):
     ours = stack(pack, model, rows)[0]
     y_base = unet_output(model, *_sd_inputs())
     assert _effect_error(unet_output(ours, *_sd_inputs()), unet_output(theirs, *_sd_inputs()), y_base) <= 1e-5
+
+
+def test_clip_rows_equal_chained_loaders(pack, tmp_path):
+    from tiny_models import patched_state_dict, tiny_clip
+
+    _folder(tmp_path, pack)
+    model, clip = tiny_sd15(), tiny_clip(tmp_path)
+    text_model = clip.cond_stage_model.clip_l.transformer.text_model
+    for i, name in enumerate(("te_a", "te_b")):
+        lycoris_file(text_model, tmp_path / f"{name}.safetensors", "lora_te_text_model_", "lora", seed=10 + i)
+    rows = [{"lora_name": "te_a.safetensors", "strength_model": 1.0, "strength_clip": 0.7},
+            {"lora_name": "te_b.safetensors", "strength_model": 1.0, "strength_clip": -0.4}]
+    out = stack(pack, model, rows, clip=clip)
+    _, chained = chain(pack, model, rows, clip=clip)
+    ours, theirs = patched_state_dict(out[1].patcher), patched_state_dict(chained.patcher)
+    base = clip.cond_stage_model.state_dict()
+    changed = [k for k in ours if not torch.equal(ours[k], base.get(k, ours[k]))]
+    assert changed
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_lora_metadata_attached_as_the_chain_leaves_it(pack, tmp_path):
+    import comfy.model_patcher
+
+    if not hasattr(comfy.model_patcher.ModelPatcher, "set_attachments"):
+        pytest.skip("this ComfyUI has no model attachments (its LoraLoader attaches no metadata)")
+    _folder(tmp_path, pack)
+    model = tiny_sd15()
+    _files(tmp_path, model.model.diffusion_model)
+    for name, value in (("locon", "first"), ("lokr", "second")):
+        path = tmp_path / f"{name}.safetensors"
+        save_file(load_file(str(path)), str(path), {"reference_downscale_factor": value})
+    rows = _rows("merge")  # loha (last) has no metadata: the chain keeps lokr's
+    ours, theirs = stack(pack, model, rows)[0], chain(pack, model, rows)[0]
+    assert ours.get_attachment("lora_metadata") == theirs.get_attachment("lora_metadata") == \
+        {"reference_downscale_factor": "second"}
+    assert model.get_attachment("lora_metadata") is None
