@@ -114,18 +114,18 @@ def rows_from_inputs(count, values: dict) -> list[Row]:
     return rows
 
 
-def rows_from_lora_stack(lora_stack) -> list[Row]:
+def rows_from_lora_stack(lora_stack, title: str = "Load LyCORIS Stack") -> list[Row]:
     """Rows from a `LORA_STACK`: a list of (name, strength_model, strength_clip), names relative to
     the loras folders (Efficiency Nodes, Comfyroll, LoRA Manager); "None" entries are empty slots."""
     if lora_stack is None:
         return []
     if not isinstance(lora_stack, (list, tuple)):
-        raise ValueError(f"Load LyCORIS Stack: lora_stack must be a list of (name, strength_model, strength_clip), "
+        raise ValueError(f"{title}: lora_stack must be a list of (name, strength_model, strength_clip), "
                          f"got {type(lora_stack).__name__}")
     rows = []
     for i, entry in enumerate(lora_stack, 1):
         if not isinstance(entry, (list, tuple)) or len(entry) < 3:
-            raise ValueError(f"Load LyCORIS Stack: lora_stack entry {i} is {entry!r}; expected "
+            raise ValueError(f"{title}: lora_stack entry {i} is {entry!r}; expected "
                              "(name, strength_model, strength_clip)")
         name, strength_model, strength_clip = entry[0], entry[1], entry[2]
         if name in (None, "", "None"):
@@ -133,7 +133,7 @@ def rows_from_lora_stack(lora_stack) -> list[Row]:
         try:
             rows.append(Row(f"lora_stack {i}", str(name), float(strength_model), float(strength_clip)))
         except (TypeError, ValueError):
-            raise ValueError(f"Load LyCORIS Stack: lora_stack entry {i} ({name}) has strengths "
+            raise ValueError(f"{title}: lora_stack entry {i} ({name}) has strengths "
                              f"{strength_model!r}, {strength_clip!r}; expected numbers") from None
     return rows
 

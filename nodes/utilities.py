@@ -184,7 +184,8 @@ class LycorisCombine(ReportNode):
         title = "LyCORIS combine"
         inputs = [(lycoris_name_1, weight_1), (lycoris_name_2, weight_2), (lycoris_name_3, weight_3)]
         inputs = [(_adapter_path(name), weight) for name, weight in inputs if name != NONE]
-        inputs += [(resolve_adapter(row.lora_name), row.strength_model) for row in rows_from_lora_stack(lora_stack)]
+        stacked = rows_from_lora_stack(lora_stack, title)
+        inputs += [(resolve_adapter(row.lora_name), row.strength_model) for row in stacked]
         if len(inputs) < 2:
             raise ValueError(f"{title}: choose at least two adapters (files here or entries of lora_stack)")
         return _run(title, lambda: _finish(combine(inputs, rank=rank or None, progress=_progress()),
