@@ -5,12 +5,14 @@ from .checkpoint_merge import LycorisMergeToCheckpoint
 from .inspect_node import LycorisInspect
 from .loader import LycorisLoader, LycorisLoaderModelOnly
 from .schedule_node import LycorisSchedule
+from .stack import LycorisStack
 from .utilities import LycorisCombine, LycorisDyLoRASlice, LycorisExtract, LycorisResize
 from . import routes  # noqa: F401  (registers the HTTP routes when running inside a ComfyUI server)
 
 NODE_CLASS_MAPPINGS = {
     "LycorisLoader": LycorisLoader,
     "LycorisLoaderModelOnly": LycorisLoaderModelOnly,
+    "LycorisStack": LycorisStack,
     "LycorisBlockWeight": LycorisBlockWeight,
     "LycorisResize": LycorisResize,
     "LycorisDyLoRASlice": LycorisDyLoRASlice,
@@ -23,6 +25,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LycorisLoader": "Load LyCORIS",
     "LycorisLoaderModelOnly": "Load LyCORIS (model only)",
+    "LycorisStack": "Load LyCORIS Stack",
     "LycorisBlockWeight": "LyCORIS Block Weight",
     "LycorisResize": "Resize LyCORIS",
     "LycorisDyLoRASlice": "Slice DyLoRA",

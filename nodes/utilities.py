@@ -16,6 +16,7 @@ from ..lycoris_core.resize import resize
 from ..lycoris_core.safe_io import safe_output_path
 from ..lycoris_core.svd import parse_patterns
 from .loader import _adapter_path
+from .stack import resolve_adapter, rows_from_lora_stack
 from .weights import PatchedWeights, checkpoint_names
 
 CATEGORY = "loaders/lycoris/utilities"
@@ -163,17 +164,30 @@ class LycorisCombine(ReportNode):
 
     @classmethod
     def INPUT_TYPES(cls):
+        adapters = weighted_adapter_inputs("weight", "Strength of this input.", required=2)
+        for i in (1, 2):  # "none" allowed when a lora_stack brings the other adapters
+            names, options = adapters[f"lycoris_name_{i}"]
+            adapters[f"lycoris_name_{i}"] = ([NONE] + names, dict(options, default=names[0] if names else NONE))
         return {"required": {
-            **weighted_adapter_inputs("weight", "Strength of this input.", required=2),
+            **adapters,
             "rank": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip": "0: exact (ranks add up); otherwise "
                              "every layer is re-factorised to this rank by SVD."}),
             "output_name": OUTPUT_NAME,
+        }, "optional": {
+            "lora_stack": ("LORA_STACK", {"tooltip": "More adapters, from Load LyCORIS Stack or another pack's "
+                           "stack: each entry's strength_model is its weight (one weight per file: strength_clip "
+                           "is not used). Combined after the files chosen here."}),
         }}
 
-    def run(self, lycoris_name_1, weight_1, lycoris_name_2, weight_2, lycoris_name_3, weight_3, rank, output_name):
+    def run(self, lycoris_name_1, weight_1, lycoris_name_2, weight_2, lycoris_name_3, weight_3, rank, output_name,
+            lora_stack=None):
         title = "LyCORIS combine"
         inputs = [(lycoris_name_1, weight_1), (lycoris_name_2, weight_2), (lycoris_name_3, weight_3)]
         inputs = [(_adapter_path(name), weight) for name, weight in inputs if name != NONE]
+        stacked = rows_from_lora_stack(lora_stack, title)
+        inputs += [(resolve_adapter(row.lora_name), row.strength_model) for row in stacked]
+        if len(inputs) < 2:
+            raise ValueError(f"{title}: choose at least two adapters (files here or entries of lora_stack)")
         return _run(title, lambda: _finish(combine(inputs, rank=rank or None, progress=_progress()),
                                            _output(output_name), title))
 

@@ -32,6 +32,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 WORKFLOW_OF = {
     "LycorisLoader": "lycoris_loader_api.json",
     "LycorisLoaderModelOnly": "lycoris_loader_model_only_api.json",
+    "LycorisStack": "lycoris_stack_api.json",
     "LycorisBlockWeight": "lycoris_block_weight_api.json",
     "LycorisResize": "lycoris_resize_api.json",
     "LycorisDyLoRASlice": "lycoris_dylora_slice_api.json",
@@ -117,6 +118,31 @@ def test_loader_model_only(comfy_server):
         reports.append(ui_text(entry, loader))
     assert "strength_model 1" in reports[0] and "modules matched" in reports[0], reports[0]
     assert np.abs(pixels[0] - pixels[1]).max() > 0, "the adapter did not change the image"
+
+
+def test_stack(comfy_server, e2e_models):
+    """Three rows posted as API JSON: the two that are on are applied (one merged, one bypassed with
+    block weights), the third is off; the image changes with the stack, and the report carries each
+    row and the hash Civitai reads."""
+    from lycoris_core.trigger_words import tensor_sha256
+
+    models, _ = e2e_models
+    graph = unique(workflow("lycoris_stack_api.json"))
+    node = node_of(graph, "LycorisStack")
+    entry = comfy_server.run(graph, timeout=300)
+    stacked = image(comfy_server, entry)
+    report = ui_text(entry, node)
+    assert report.startswith("LyCORIS stack: 2 of 3 rows applied"), report
+    assert "[row 1] LyCORIS e2e_kohya_lora" in report and "[row 2] LyCORIS e2e_kohya_dylora" in report, report
+    assert "[row 3] e2e_kohya_lora.safetensors: off" in report and "block weights (named, sd1)" in report, report
+    assert "overlap: row 1 and row 2 both change" in report, report
+    digest = tensor_sha256(str(models / "loras" / LORA))[:12]
+    assert f"hash: e2e_kohya_lora: {digest}" in report, report
+
+    off = unique(workflow("lycoris_stack_api.json"))
+    off[node]["inputs"].update({"rows.on_1": False, "rows.on_2": False})
+    assert np.abs(stacked - image(comfy_server, comfy_server.run(off, timeout=300))).max() > 0, \
+        "the stack did not change the image"
 
 
 def test_block_weight(comfy_server):
