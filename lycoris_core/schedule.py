@@ -96,15 +96,18 @@ _KEYFRAME = re.compile(r"^\s*(?P<place>[-+0-9.]+)\s*(?P<unit>%|steps?)?\s*[:=]\s
 def parse_keyframes(text: str) -> tuple[Keyframe, ...]:
     """"0:1, 0.25:0" (fractions of the steps), "0:1, 2 steps:0" (whole steps) or "0:1, 25%:0";
     ';' or new lines separate keyframes too."""
+    comma = re.search(r"(?<![\d.])(\d+),(\d+)\s*(?:%|steps?)?\s*[:=]", text)
+    if comma is not None:
+        raise ScheduleError(f"'{comma.group(0)}': did you mean {comma.group(1)}.{comma.group(2)}? (use '.' for "
+                            "decimals; ',' separates keyframes)")
     frames = []
     for part in re.split(r"[,;\n]+", text.strip()):
         if not part.strip():
             continue
         match = _KEYFRAME.match(part)
         if match is None:
-            hint = " (use '.' for decimals)" if re.search(r"\d,\d", text) else ""
             raise ScheduleError(f"keyframe '{part.strip()}': expected PLACE:MULTIPLIER such as 0:1, 0.25:0, "
-                                f"'2 steps:0' or '25%:0'{hint}")
+                                "'2 steps:0' or '25%:0'")
         place, unit = float(match["place"]), match["unit"] or ""
         if unit == "%":
             place /= 100

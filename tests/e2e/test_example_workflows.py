@@ -40,6 +40,7 @@ WORKFLOW_OF = {
     "LycorisExtract": "lycoris_extract_api.json",
     "LycorisMergeToCheckpoint": "lycoris_merge_to_checkpoint_api.json",
     "LycorisInspect": "lycoris_inspect_api.json",
+    "LycorisSchedule": "lycoris_schedule_api.json",
 }
 
 
@@ -118,6 +119,27 @@ def test_loader_model_only(comfy_server):
         reports.append(ui_text(entry, loader))
     assert "strength_model 1" in reports[0] and "modules matched" in reports[0], reports[0]
     assert np.abs(pixels[0] - pixels[1]).max() > 0, "the adapter did not change the image"
+
+
+def test_schedule(comfy_server):
+    """A lightning-style schedule (the LoRA for the first half of the steps, kept out of the negative
+    pass): the image differs from both the unscheduled LoRA's and the plain model's, and the
+    report says the layers follow the schedule."""
+    pixels = {}
+    for case in ("scheduled", "always", "off"):
+        graph = unique(workflow("lycoris_schedule_api.json"))
+        loader, schedule = node_of(graph, "LycorisLoader"), node_of(graph, "LycorisSchedule")
+        if case == "always":
+            graph[schedule]["inputs"].update(preset="always", negative_multiplier=1.0)
+        if case == "off":
+            graph[loader]["inputs"]["strength_model"] = 0.0
+        entry = comfy_server.run(graph, timeout=300)
+        pixels[case] = image(comfy_server, entry)
+        if case == "scheduled":
+            report = ui_text(entry, loader)
+            assert "schedule: 0:1, 0.5:0 (hold), negative pass x0" in report, report
+    assert np.abs(pixels["scheduled"] - pixels["always"]).max() > 0, "the schedule changed nothing"
+    assert np.abs(pixels["scheduled"] - pixels["off"]).max() > 0, "the scheduled LoRA had no effect"
 
 
 def test_stack(comfy_server, e2e_models):

@@ -122,7 +122,9 @@ def test_scheduled_sampling_equals_the_model_merged_at_each_steps_strength(pack,
     plain = _sample(tiny_sd15() if storage == "fp32" else _plain_from(base_weights))
     effect = float((expected - plain).norm())
     assert effect > 0
-    assert float((got - expected).norm()) <= 1e-4 * effect, float((got - expected).norm()) / effect
+    # fp32 roundoff (bypass and merge order their sums differently) grows with the output's own size
+    error = float((got - expected).norm())
+    assert error <= 1e-4 * effect + 1e-6 * float(expected.norm()), (error, effect)
 
 
 def _plain_from(weights):
@@ -142,7 +144,7 @@ def test_fraction_keyframes_run_on_every_runtime(pack, adapter):
 
 def test_schedule_node_errors_name_the_keyframe(pack):
     node = pack.NODE_CLASS_MAPPINGS["LycorisSchedule"]()
-    with pytest.raises(ValueError, match=r"keyframe '0,5:0'.*use '\.' for decimals"):
+    with pytest.raises(ValueError, match=r"'0,5:'.*did you mean 0\.5"):
         node.build("always", "0:1; 0,5:0", "hold", 1.0)
     with pytest.raises(ValueError, match="fraction of the steps"):
         node.build("always", "0:1, 3:0", "hold", 1.0)
