@@ -193,13 +193,14 @@ def _row_orders(channels, bounds, half, device):
     """For `patch`: the row gathers [before group 0, ..., before the last group, after it]
     (None where the order does not change). Group k's order lists, per position, the natural
     channel `_group_channels` puts there; the gather into it reads each channel where the
-    previous order left it."""
-    natural = torch.arange(channels, device=device)
+    previous order left it. Worked out on the CPU (index arithmetic, compared on the host) and
+    moved to `device` once."""
+    natural = torch.arange(channels)
     orders = [_group_channels(natural, p, q, half).reshape(-1) for p, q in bounds] + [natural]
     gathers, where = [], natural  # where[c]: the row holding channel c now
     for order in orders:
         gather = where[order]
-        gathers.append(None if torch.equal(gather, natural) else gather)
+        gathers.append(None if torch.equal(gather, natural) else gather.to(device))
         where = torch.argsort(order)
     return gathers
 
