@@ -1,7 +1,7 @@
 // Info panel on the LyCORIS loaders: what the selected file holds (algorithm mix, ranks, base
 // model, trigger words), read by the server's GET /lycoris/info, which only opens files ComfyUI
-// lists in its loras folders. Display only: nothing of it is saved or queued. After a run the
-// loader's report (its "text" UI output) is shown under it.
+// lists in its loras folders. Display only: nothing of it is saved or queued. The loader's report
+// after a run is shown by lycoris_report.js.
 
 import { app } from "../../scripts/app.js";
 import { addPanelWidget, addStyles, chainCallback, el, fetchCached, findWidget, fitNode, watchNode } from "./lycoris_common.js";
@@ -41,18 +41,18 @@ export function infoLines(info) {
 }
 
 function addInfoPanel(node) {
-	const nameWidget = findWidget(node, "lycoris_name");
+	// `lora_name` since the loaders took core's input names; `lycoris_name` before
+	const nameWidget = findWidget(node, "lora_name") ?? findWidget(node, "lycoris_name");
 	if (!nameWidget) return;
 	const body = el("div.lycoris-info-body");
-	const report = el("div.lycoris-note.lycoris-line.lycoris-report");
-	const panel = el("div.lycoris-panel.lycoris-info", { title: "" }, [body, report]);
+	const panel = el("div.lycoris-panel.lycoris-info", { title: "" }, [body]);
 	let shown = null; // the file name the panel shows (or is loading)
 	let lines = 1;
 
 	const contentHeight = () => {
-		const measured = body.offsetHeight + report.offsetHeight;
+		const measured = body.offsetHeight;
 		if (panel.offsetParent && measured > 0) return measured + 12;
-		return (Math.max(1, lines) + (report.textContent ? 1 : 0)) * LINE_HEIGHT + 12;
+		return Math.max(1, lines) * LINE_HEIGHT + 12;
 	};
 	addPanelWidget(node, "lycoris_info", panel, { height: contentHeight });
 
@@ -88,14 +88,6 @@ function addInfoPanel(node) {
 
 	chainCallback(nameWidget, refresh);
 	watchNode(node, refresh);
-	const onExecuted = node.onExecuted;
-	node.onExecuted = function (message) {
-		onExecuted?.apply(this, arguments);
-		const text = message?.text?.join?.("\n") ?? "";
-		report.textContent = text.split("\n")[0];
-		report.title = text;
-		fitNode(node);
-	};
 	setTimeout(refresh, 0);
 }
 
