@@ -1,4 +1,4 @@
-"""Every API-format example workflow (example_workflows/*_api.json) posted to the real ComfyUI server,
+"""Every API-format example workflow (example_workflows/api/*_api.json) posted to the real ComfyUI server,
 each checked for the effect its node is for: an image, a new adapter or checkpoint that lycoris_core
 reads (compared with what the core computes from the inputs), a report in the prompt history.
 `lycoris_loader_api.json` (the main job, with its own LoHa adapter) is run by test_main_job.py; here
@@ -23,7 +23,7 @@ from e2e import make_models
 from e2e.make_models import CHECKPOINT_NAME
 
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOWS = REPO / "example_workflows"
+WORKFLOWS = REPO / "example_workflows" / "api"
 LORA = "e2e_kohya_lora.safetensors"
 DYLORA = "e2e_kohya_dylora.safetensors"
 PNG = b"\x89PNG\r\n\x1a\n"
