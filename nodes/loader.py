@@ -101,8 +101,9 @@ def _attach_metadata(model, clip, metadata: dict) -> None:
 
 
 class LycorisLoader:
-    DESCRIPTION = ("Loads a LoRA or any LyCORIS adapter (LoCon, LoHa, LoKr, IA3, OFT, BOFT, GLoRA, Full, Norm, "
-                   "DoRA, DyLoRA) exactly as its trainer computed it, and reports which layers it changed.")
+    DESCRIPTION = ("Drop-in for Load LoRA: loads a LoRA or any LyCORIS adapter (LoCon, LoHa, LoKr, IA3, OFT, BOFT, "
+                   "GLoRA, Full, Norm, DoRA, DyLoRA) exactly as its trainer computed it; leave mode on auto. Its report "
+                   "shows on the node; the node turns orange when the file does not fit the model.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")

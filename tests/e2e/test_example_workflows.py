@@ -218,3 +218,17 @@ def test_inspect(comfy_server):
     assert f"Inspect LyCORIS: {LORA}" in report and "algorithms: lora x" in report, report
     heatmap = image(comfy_server, entry)
     assert heatmap.shape[0] > 64 and heatmap.std() > 0
+
+
+def test_an_api_prompt_with_the_loaders_old_input_name_still_runs(comfy_server):
+    """API workflows saved before the loaders' file input became `lora_name` (like core's LoraLoader)
+    name it `lycoris_name`: the server validates and runs them."""
+    graph = unique(workflow("lycoris_loader_model_only_api.json"))
+    loader = node_of(graph, "LycorisLoaderModelOnly")
+    inputs = graph[loader]["inputs"]
+    inputs["lycoris_name"] = inputs.pop("lora_name")
+    inputs["strength_model"] = 0.7
+    entry = comfy_server.run(graph, timeout=300)
+    report = ui_text(entry, loader)
+    assert "LyCORIS e2e_kohya_lora.safetensors (mode auto, strength_model 0.7)" in report, report
+    assert "0 unmatched" in report and entry["outputs"][loader]["lycoris_warning"] == [], report

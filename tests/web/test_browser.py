@@ -396,3 +396,22 @@ def test_an_example_opened_without_its_files_falls_back_to_the_users(comfy_page,
         node_data.get("properties", {}).pop("lycoris_example_files", None)
     page.load_workflow(ui)
     assert page.widget_value(page.node_id("LycorisLoader"), "lora_name") == "not_here.safetensors"
+
+
+def test_a_workflow_saved_with_lycoris_name_still_loads_and_runs(comfy_page, vue_nodes, web_server):
+    """A UI workflow saved before the loaders' file input became `lora_name` (widget values are
+    positional; the current front-end also saved a widget input named `lycoris_name`) keeps its file,
+    strengths and mode, and runs."""
+    page = comfy_page
+    saved = json.loads((Path(__file__).parent / "data" / "saved_with_lycoris_name.json").read_text())
+    page.load_workflow(saved)
+    node = page.node_id("LycorisLoader")
+    inputs = page.graph_to_prompt()[str(node)]["inputs"]
+    assert "lycoris_name" not in inputs, inputs
+    assert (inputs["lora_name"], inputs["strength_model"], inputs["strength_clip"], inputs["mode"]) == \
+        ("lycoris_demo_loha.safetensors", 1, 1, "merge"), inputs
+    page.page.evaluate("""([id, seed]) => { app.graph._nodes.find((n) => n.type === "KSampler").widgets
+                          .find((w) => w.name === "seed").value = seed; }""", [node, 43 if page.vue_nodes else 44])
+    entry = web_server.wait_history(page.queue_with_button(), timeout=240)
+    report = "\n".join(entry["outputs"][str(node)]["text"])
+    assert "LyCORIS lycoris_demo_loha.safetensors (mode merge" in report, report
