@@ -45,6 +45,8 @@ _METADATA_MARKS = (
 METADATA_KEYS = ("modelspec.architecture", "ss_base_model_version")
 # cross-attention key width of the SD UNets: SD1.x reads CLIP-L (768), SD2.x OpenCLIP-H (1024), SDXL both (2048)
 _CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# family -> the block layout (lycoris_core.blocks) it shares: what a model file's header tells apart
+_BLOCK_LAYOUT = {"sd2": "sd1", "sdxl_refiner": "sdxl"}
 # below this share of its modules landed, a load is reported as not fitting
 LOW_SHARE = 0.8
 
@@ -59,6 +61,14 @@ class TrainedFor:
     @property
     def name(self) -> str | None:
         return None if self.family is None else FAMILY_NAMES.get(self.family, self.family)
+
+    @property
+    def architecture(self) -> str | None:
+        """The block layout of that family (SD2.x reads as sd1), to compare with a model file's."""
+        return None if self.family is None else _BLOCK_LAYOUT.get(self.family, self.family)
+
+    def as_dict(self) -> dict:
+        return {"family": self.family, "name": self.name, "architecture": self.architecture, "evidence": self.evidence}
 
 
 def family_from_text(text: str) -> str | None:

@@ -22,6 +22,7 @@ from ..lycoris_core import AdapterFormatError
 from ..lycoris_core.block_weights import BlockWeightError, parse_block_weights, presets_for
 from ..lycoris_core.blocks import (ARCHITECTURES, architecture_blocks, canonical_architecture,
                                    detect_architecture, id_group)
+from ..lycoris_core.fit import trained_for
 from ..lycoris_core.inspection import format_summary, summarize
 from ..lycoris_core.safe_io import SafetensorsReader
 from .cache import load_cached
@@ -107,11 +108,13 @@ def adapter_info(name: str | None) -> dict:
     """`/lycoris/info`: the summary of an adapter file from the loras folders."""
     path, entry = listed_file("loras", name)
     try:
-        summary = summarize(load_cached(path))
+        adapter_file = load_cached(path)
+        summary = summarize(adapter_file)
     except (AdapterFormatError, ValueError, OSError) as error:
         raise _unreadable(error, name) from None
     summary["file"] = name  # the listed name, not the server's directory layout
     return {"name": name, "path_folder": _folder_index("loras", entry, path), "summary": summary,
+            "trained_for": trained_for(adapter_file.metadata, adapter_file.adapters).as_dict(),
             "text": format_summary(summary)}
 
 

@@ -415,3 +415,23 @@ def test_a_workflow_saved_with_lycoris_name_still_loads_and_runs(comfy_page, vue
     entry = web_server.wait_history(page.queue_with_button(), timeout=240)
     report = "\n".join(entry["outputs"][str(node)]["text"])
     assert "LyCORIS lycoris_demo_loha.safetensors (mode merge" in report, report
+
+
+def test_the_info_panel_compares_the_files_base_model_with_the_checkpoint(comfy_page, vue_nodes, e2e_models):
+    """Before anything runs: an SDXL-like file picked on a loader fed by the SD1.5 checkpoint says it
+    will not fit; the fitting file does not."""
+    page = comfy_page
+    models, _ = e2e_models
+    name = _mismatched_adapter(models)
+    page.load_workflow(example("lycoris_loader_api.json"))
+    node = page.node_id("LycorisLoader")
+    panel = page.page.locator(f'.lycoris-info[data-lycoris-node="{node}"]')
+    page.page.evaluate("([id, file]) => { app.graph.getNodeById(id).widgets.find((w) => w.name === 'lora_name')"
+                       ".value = file; }", [node, name])
+    text = wait_text(panel, "it will not fit")
+    assert "SDXL file, sd1 model (e2e_tiny_sd15.safetensors): it will not fit" in text, text
+    assert "base model: sdxl_base_v1-0 (SDXL)" in text, text
+    page.page.evaluate("([id, file]) => { app.graph.getNodeById(id).widgets.find((w) => w.name === 'lora_name')"
+                       ".value = file; }", [node, "e2e_kohya_lora.safetensors"])
+    text = wait_text(panel, "algorithms: lora")
+    assert "will not fit" not in text, text

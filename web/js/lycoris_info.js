@@ -4,6 +4,7 @@
 // after a run is shown by lycoris_report.js.
 
 import { app } from "../../scripts/app.js";
+import { blockSource } from "./lycoris_block_weight.js";
 import { addPanelWidget, addStyles, chainCallback, el, fetchCached, findWidget, fitNode, watchNode } from "./lycoris_common.js";
 
 const LOADERS = new Set(["LycorisLoader", "LycorisLoaderModelOnly"]);
@@ -12,6 +13,14 @@ const LINE_HEIGHT = 15;
 function baseModel(summary) {
 	const training = summary.training ?? {};
 	return training["modelspec.architecture"] ?? training.ss_base_model_version ?? training.ss_sd_model_name ?? null;
+}
+
+/** The base model as recorded (and as users name it), or as read from the layers when not recorded. */
+function baseLine(summary, trainedFor) {
+	const recorded = baseModel(summary);
+	const family = trainedFor?.name;
+	if (recorded) return family ? `${recorded} (${family})` : recorded;
+	return family ? `${family} (from its layers)` : "not in the file's metadata";
 }
 
 function line(key, value, title) {
@@ -29,7 +38,7 @@ export function infoLines(info) {
 	const lines = [
 		line("algorithms", `${algorithms} (${summary.modules} modules${size})`),
 		line("rank", `${ranks}   alpha: ${alphas}`),
-		line("base model", baseModel(summary) ?? "not in the file's metadata"),
+		line("base model", baseLine(summary, info.trained_for)),
 		line("trigger words", triggers.length ? triggers.slice(0, 8).join(", ") + (triggers.length > 8 ? ", …" : "") : "none recorded",
 			triggers.join(", ")),
 	];
@@ -62,11 +71,26 @@ function addInfoPanel(node) {
 		fitNode(node);
 	};
 
+	// the file's base model against the checkpoint the model input comes from, before anything runs
+	const modelCheck = async (info, source) => {
+		const file = info.trained_for;
+		if (source.kind !== "file" || !file?.architecture) return [];
+		const query = `folder=${encodeURIComponent(source.folder)}&name=${encodeURIComponent(source.name)}`;
+		const model = await fetchCached(`/lycoris/architecture?${query}`).catch(() => null);
+		if (!model?.architecture || model.architecture === "unknown" || model.architecture === file.architecture) return [];
+		return [el("div.lycoris-error.lycoris-mismatch", {
+			textContent: `${file.name} file, ${model.architecture} model (${source.name}): it will not fit`,
+			title: `file: ${file.evidence}`,
+		})];
+	};
+
 	const refresh = async () => {
 		panel.dataset.lycorisNode = String(node.id);
+		const source = blockSource(node);
 		const name = nameWidget.value;
-		if (name === shown) return;
-		shown = name;
+		const key = `${name}|${source.kind === "file" ? `${source.folder}/${source.name}` : ""}`;
+		if (key === shown) return;
+		shown = key;
 		if (!name || name === "none") {
 			show([el("div.lycoris-note", { textContent: "no file selected" })]);
 			return;
@@ -74,12 +98,13 @@ function addInfoPanel(node) {
 		show([el("div.lycoris-note", { textContent: `reading ${name}…` })]);
 		try {
 			const info = await fetchCached(`/lycoris/info?name=${encodeURIComponent(name)}`);
-			if (shown === name) {
+			const mismatch = await modelCheck(info, source);
+			if (shown === key) {
 				panel.title = info.text ?? "";
-				show(infoLines(info));
+				show([...mismatch, ...infoLines(info)]);
 			}
 		} catch (error) {
-			if (shown === name) {
+			if (shown === key) {
 				panel.title = "";
 				show([el("div.lycoris-error", { textContent: `cannot show ${name}: ${error.message}` })]);
 			}
