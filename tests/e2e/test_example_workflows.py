@@ -232,3 +232,23 @@ def test_an_api_prompt_with_the_loaders_old_input_name_still_runs(comfy_server):
     report = ui_text(entry, loader)
     assert "LyCORIS e2e_kohya_lora.safetensors (mode auto, strength_model 0.7)" in report, report
     assert "0 unmatched" in report and entry["outputs"][loader]["lycoris_warning"] == [], report
+
+
+def test_the_ui_examples_are_the_templates_comfyui_lists(comfy_server):
+    """ComfyUI's template browser (GET /api/workflow_templates, 0.28) lists the pack's UI examples by
+    their titles, and no API twin (which it could not open); each is served as a UI workflow."""
+    from urllib.parse import quote
+
+    from e2e.server import PACK_DIR_NAME
+
+    status, body = comfy_server.get_raw("/api/workflow_templates")
+    if status == 404:
+        pytest.skip("this ComfyUI has no template browser (/api/workflow_templates came after March 2024)")
+    listed = json.loads(body)[PACK_DIR_NAME]
+    titles = sorted(path.stem for path in WORKFLOWS.parent.glob("*.json"))
+    assert sorted(listed) == titles and all(title.startswith("LyCORIS ") for title in titles), listed
+    for title in titles:
+        status, raw = comfy_server.get_raw(f"/api/workflow_templates/{PACK_DIR_NAME}/{quote(title)}.json")
+        assert status == 200, (title, status)
+        served = json.loads(raw)
+        assert "nodes" in served and served["extra"]["lycoris_api_twin"].startswith("api/"), title
