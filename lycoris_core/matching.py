@@ -51,7 +51,7 @@ class Coverage:
             f"{len(self.problems)} modules with errors, {len(self.duplicates)} duplicates; "
             f"{self.untouched} of {self.model_layers} model layers untouched"
         ]
-        for title, items in (("no such layer in the model", self.unmatched),
+        for title, items in (("not in this model (no layer of that name)", self.unmatched),
                              ("shape or tensors do not fit", self.problems),
                              ("duplicate: a layer or rows another module already patches", self.duplicates),
                              ("keys not understood", self.unknown_keys)):

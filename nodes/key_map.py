@@ -86,6 +86,16 @@ def resolve(module: str, key_map: dict):
     return None
 
 
+# Prefixes that name one text encoder of several: a module under one of them is never tried under
+# another encoder's (SDXL's second encoder, `lora_te2_`, is not the first one of an SD1.5 model).
+_ENCODER_OF_PREFIX = {"lora_te_": 1, "lora_te1_": 1, "text_encoder.": 1, "lora_te2_": 2, "text_encoder_2.": 2,
+                      "lora_te3_": 3}
+
+
+def _encoder(name: str) -> int | None:
+    return next((n for prefix, n in _ENCODER_OF_PREFIX.items() if name.startswith(prefix)), None)
+
+
 def _candidates(module: str):
     yield module
     yield module.replace(".", "_")
@@ -93,7 +103,11 @@ def _candidates(module: str):
     if stripped != module:
         yield stripped
         yield stripped.replace(".", "_")
+        encoder = _encoder(module)
         for prefix in DIALECT_PREFIXES:
+            other = _ENCODER_OF_PREFIX.get(prefix)
+            if encoder is not None and other is not None and other != encoder:
+                continue
             yield prefix + stripped
             yield (prefix + stripped).replace(".", "_")
 

@@ -1,5 +1,9 @@
 """Load LyCORIS: a drop-in for ComfyUI's LoraLoader that reads every LyCORIS format and says what
-it did (same input names, so a workflow can swap the nodes)."""
+it did (same input names as LoraLoader: `lora_name`, `strength_model`, `strength_clip`, so a
+workflow can swap the nodes and keep the file and strengths). Workflows saved before the rename name
+the file `lycoris_name`: UI-format ones keep working (widget values are positional), API-format
+ones are renamed when posted (`rename_legacy_inputs`, an on-prompt handler) and `load` takes the
+old keyword too."""
 
 from __future__ import annotations
 
@@ -14,6 +18,11 @@ from .patching import apply_adapter_file
 CATEGORY = "loaders/lycoris"
 MODES = ["auto", "merge", "bypass"]
 
+# two lines; "bypass" here is not ComfyUI's Ctrl+B bypass (a node switched off), hence the second half
+MODE_TOOLTIP = ("auto (leave it): merged into float weights, run beside quantized ones (fp8, GGUF, ...).\n"
+                "merge / bypass force one way; bypass = the adapter runs beside each layer (not Ctrl+B, "
+                "which switches a node off).")
+
 STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
 
 
@@ -24,10 +33,35 @@ def _adapter_path(name: str) -> str:
     return path
 
 
-def load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mode, block_weights="", schedule=None):
+LOADERS = ("LycorisLoader", "LycorisLoaderModelOnly")
+LEGACY_FILE_INPUT = "lycoris_name"  # the file input's name before it became core's `lora_name`
+
+
+def rename_legacy_inputs(prompt: dict) -> dict:
+    """An API prompt with the loaders' old `lycoris_name` input, as `lora_name` (in place; other
+    nodes untouched). Runs before the server validates a posted prompt."""
+    for node in prompt.values() if isinstance(prompt, dict) else ():
+        if not isinstance(node, dict) or node.get("class_type") not in LOADERS:
+            continue
+        inputs = node.get("inputs")
+        if isinstance(inputs, dict) and LEGACY_FILE_INPUT in inputs:
+            legacy = inputs.pop(LEGACY_FILE_INPUT)
+            inputs.setdefault("lora_name", legacy)
+    return prompt
+
+
+def _file_name(lora_name, legacy):
+    if lora_name is None:
+        lora_name = legacy
+    if lora_name is None:
+        raise ValueError("Load LyCORIS: no adapter file given (input lora_name)")
+    return lora_name
+
+
+def load_and_apply(model, clip, lora_name, strength_model, strength_clip, mode, block_weights="", schedule=None):
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}'; expected one of {', '.join(MODES)}")
-    path = _adapter_path(lycoris_name)
+    path = _adapter_path(lora_name)
     blocks = None
     try:
         if block_weights and block_weights.strip():
@@ -49,6 +83,12 @@ def load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mod
     return new_model, new_clip, text
 
 
+def report_ui(text: str) -> dict:
+    """The node's UI output: the report (shown on the node by web/js/lycoris_report.js and kept in the
+    prompt history, where API users read it) and its warning lines, which turn the node orange."""
+    return {"text": [text], "lycoris_warning": [line for line in text.splitlines() if line.startswith("warning:")]}
+
+
 def _attach_metadata(model, clip, metadata: dict) -> None:
     """Attach the file's safetensors metadata as ComfyUI's own LoraLoader does (0.28: the
     "lora_metadata" attachment, which e.g. LTXV's IC-LoRA parameters node reads). Runtimes
@@ -61,8 +101,9 @@ def _attach_metadata(model, clip, metadata: dict) -> None:
 
 
 class LycorisLoader:
-    DESCRIPTION = ("Loads a LoRA or any LyCORIS adapter (LoCon, LoHa, LoKr, IA3, OFT, BOFT, GLoRA, Full, Norm, "
-                   "DoRA, DyLoRA) exactly as its trainer computed it, and reports which layers it changed.")
+    DESCRIPTION = ("Drop-in for Load LoRA: loads a LoRA or any LyCORIS adapter (LoCon, LoHa, LoKr, IA3, OFT, BOFT, "
+                   "GLoRA, Full, Norm, DoRA, DyLoRA) exactly as its trainer computed it; leave mode on auto. Its report "
+                   "shows on the node; the node turns orange when the file does not fit the model.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
@@ -78,18 +119,13 @@ class LycorisLoader:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The diffusion model to apply the adapter to."}),
             "clip": ("CLIP", {"tooltip": "The text encoder(s) to apply the adapter to."}),
-            "lycoris_name": (folder_paths.get_filename_list("loras"),
-                             {"tooltip": "The adapter file, from the loras folders (.safetensors)."}),
+            "lora_name": (folder_paths.get_filename_list("loras"),
+                          {"tooltip": "The adapter file (LoRA or any LyCORIS), from the loras folders (.safetensors)."}),
             "strength_model": ("FLOAT", dict(STRENGTH, tooltip="How strongly to change the diffusion model; "
                                              "negative values invert additive adapters, 0 leaves it untouched.")),
             "strength_clip": ("FLOAT", dict(STRENGTH, tooltip="How strongly to change the text encoder(s); "
                                             "0 leaves them untouched.")),
-            "mode": (MODES, {"default": "auto", "tooltip": "auto: bypass on layers whose stored weight is "
-                             "quantized (fp8, int8, mxfp8, nvfp4, GGUF), merge on float layers; on a float model it "
-                             "is merge. merge: ComfyUI patches the weights when it loads the model (exact on float "
-                             "weights, no per-step cost; on quantized weights the change is rounded to the format). "
-                             "bypass: the adapter runs beside every Linear/Conv layer and the base weights are never "
-                             "changed."}),
+            "mode": (MODES, {"default": "auto", "tooltip": MODE_TOOLTIP}),
         }, "optional": {
             "block_weights": ("STRING", {"default": "", "multiline": True,
                               "placeholder": "e.g. IN04=0.5, OUT*=0  (or a preset name such as SD-INS, or an "
@@ -101,12 +137,11 @@ class LycorisLoader:
                          "A scheduled adapter runs beside the layers whatever the mode."}),
         }}
 
-    def load(self, model, clip, lycoris_name, strength_model, strength_clip, mode="auto", block_weights="",
-             schedule=None):
-        new_model, new_clip, text = load_and_apply(model, clip, lycoris_name, strength_model, strength_clip, mode,
-                                                   block_weights, schedule)
-        # the report also goes to the UI / the prompt history, where API users read it
-        return {"ui": {"text": [text]}, "result": (new_model, new_clip, text)}
+    def load(self, model, clip, lora_name=None, strength_model=1.0, strength_clip=1.0, mode="auto", block_weights="",
+             schedule=None, lycoris_name=None):
+        new_model, new_clip, text = load_and_apply(model, clip, _file_name(lora_name, lycoris_name), strength_model,
+                                                   strength_clip, mode, block_weights, schedule)
+        return {"ui": report_ui(text), "result": (new_model, new_clip, text)}
 
 
 class LycorisLoaderModelOnly:
@@ -121,10 +156,11 @@ class LycorisLoaderModelOnly:
     def INPUT_TYPES(cls):
         types = LycorisLoader.INPUT_TYPES()
         required = types["required"]
-        return {"required": {k: required[k] for k in ("model", "lycoris_name", "strength_model", "mode")},
+        return {"required": {k: required[k] for k in ("model", "lora_name", "strength_model", "mode")},
                 "optional": types["optional"]}
 
-    def load(self, model, lycoris_name, strength_model, mode="auto", block_weights="", schedule=None):
-        new_model, _, text = load_and_apply(model, None, lycoris_name, strength_model, 0.0, mode, block_weights,
-                                            schedule)
-        return {"ui": {"text": [text]}, "result": (new_model, text)}
+    def load(self, model, lora_name=None, strength_model=1.0, mode="auto", block_weights="", schedule=None,
+             lycoris_name=None):
+        new_model, _, text = load_and_apply(model, None, _file_name(lora_name, lycoris_name), strength_model, 0.0,
+                                            mode, block_weights, schedule)
+        return {"ui": report_ui(text), "result": (new_model, text)}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ..lycoris_core import AdapterFormatError
 from ..lycoris_core.algos.tlora import current_timestep
+from ..lycoris_core.fit import MODEL_CONFIG_FAMILIES, cause, model_family, shortfall, trained_for
 from ..lycoris_core.matching import Coverage, TargetClaims, duplicate_line
 from ..lycoris_core.reader import trainer_notes
 from .bypass import add_bypass
@@ -41,6 +42,8 @@ class LoadReport:
     schedule: str = ""  # the schedule, in words
     bypass_bytes: int = 0  # the adapters' fp32 copies bypass keeps on each compute device
     bypass_transient: int = 0  # the largest transient weight a patched-form call makes
+    shape_misfits: int = 0  # modules whose layer exists with another shape
+    fit: str | None = None  # "warning: ...: an SDXL adapter on an SD1.5 model", when the file does not fit
 
     def count_bypass(self, adapter, layer_geometry, quantized: str | None) -> None:
         self.bypassed += 1
@@ -61,6 +64,8 @@ class LoadReport:
             "algorithms: " + ", ".join(f"{k} x{v}" for k, v in adapter_file.algorithms().items())
             + "; ranks: " + (", ".join(map(str, adapter_file.ranks())) or "-"),
         ]
+        if self.fit:
+            lines.insert(1, self.fit)
         lines.extend(trainer_notes(adapter_file.metadata, adapter_file.context.peft_config))
         on_model = sum(1 for v in self.targets.values() if v == "model")
         on_clip = sum(1 for v in self.targets.values() if v == "clip")
@@ -215,6 +220,7 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
                          bias=True)
         except AdapterFormatError as error:
             coverage.problems.append(str(error))
+            report.shape_misfits += 1
             continue
         except (RuntimeError, ValueError, IndexError) as error:  # e.g. a slice the layer does not have
             coverage.problems.append(str(adapter.error(f"cannot patch {key} at {offset}: {error}")))
@@ -227,10 +233,19 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
         detail = f"first unmatched module: {coverage.unmatched[0]}" if coverage.unmatched else (
             coverage.problems[0] if coverage.problems else "it has no module for the connected inputs")
         raise AdapterFormatError(
-            f"nothing in this file matches the connected model{'/clip' if clip is not None else ''} "
-            f"(is it for another base model?); {detail}",
+            f"nothing in this file matches the connected model{'/clip' if clip is not None else ''}: "
+            f"{_fit_reason(adapter_file, model, report)}; {detail}",
             path=adapter_file.path,
         )
+    on_model = sum(1 for v in report.targets.values() if v == "model")
+    short = shortfall(
+        landed_model=on_model, landed_text_encoder=len(report.targets) - on_model,
+        offered=len(coverage.matched) + len(coverage.unmatched) + len(coverage.problems) + len(coverage.duplicates),
+        file_model_modules=sum(1 for m in adapter_file.adapters if not is_text_encoder_module(m)),
+        model_asked=use_model)
+    if short:
+        report.fit = f"warning: {short}: {_fit_reason(adapter_file, model, report)}"
+        logging.warning("LyCORIS %s: %s", adapter_file.name, report.fit)
 
     new_model = model.clone() if model is not None else None
     new_clip = clip.clone() if clip is not None else None
@@ -248,6 +263,24 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
         publish_calls(new_model, state)
         report.schedule = schedule.describe()
     return new_model, new_clip, report
+
+
+def model_label(model) -> tuple[str | None, str]:
+    """(family key, ComfyUI's name for it) of a MODEL: its model config class (SD15, SDXL, Flux, ...)."""
+    if model is None:
+        return None, "connected"
+    config = getattr(model.model, "model_config", None)
+    name = type(config).__name__ if config is not None else type(model.model).__name__
+    keys = () if name in MODEL_CONFIG_FAMILIES else tuple(model.model.state_dict().keys())
+    return model_family(name, keys), name
+
+
+def _fit_reason(adapter_file, model, report) -> str:
+    """Why modules of the file did not land on this model, in words."""
+    family, label = model_label(model)
+    coverage = report.coverage
+    return cause(trained_for(adapter_file.metadata, adapter_file.adapters), family, label,
+                 report.shape_misfits, len(coverage.unmatched))
 
 
 def _publish_timestep(patcher) -> None:

@@ -22,9 +22,11 @@ from ..lycoris_core import AdapterFormatError
 from ..lycoris_core.block_weights import BlockWeightError, parse_block_weights, presets_for
 from ..lycoris_core.blocks import (ARCHITECTURES, architecture_blocks, canonical_architecture,
                                    detect_architecture, id_group)
+from ..lycoris_core.fit import trained_for
 from ..lycoris_core.inspection import format_summary, summarize
 from ..lycoris_core.safe_io import SafetensorsReader
 from .cache import load_cached
+from .loader import rename_legacy_inputs
 
 MODEL_FOLDERS = ("checkpoints", "diffusion_models", "unet")
 # ComfyUI renamed "unet" to "diffusion_models" (the old name stays an alias); the March-2024 one knows only "unet"
@@ -106,11 +108,13 @@ def adapter_info(name: str | None) -> dict:
     """`/lycoris/info`: the summary of an adapter file from the loras folders."""
     path, entry = listed_file("loras", name)
     try:
-        summary = summarize(load_cached(path))
+        adapter_file = load_cached(path)
+        summary = summarize(adapter_file)
     except (AdapterFormatError, ValueError, OSError) as error:
         raise _unreadable(error, name) from None
     summary["file"] = name  # the listed name, not the server's directory layout
     return {"name": name, "path_folder": _folder_index("loras", entry, path), "summary": summary,
+            "trained_for": trained_for(adapter_file.metadata, adapter_file.adapters).as_dict(),
             "text": format_summary(summary)}
 
 
@@ -174,19 +178,30 @@ def register(routes) -> None:
         return await answer(model_architecture, request.query.get("folder"), request.query.get("name"))
 
 
-def _server_routes():
-    """The running server's route table; None outside a running ComfyUI server (its `server` module
-    is imported by main.py before custom nodes load, so a plain import of the pack never imports it)."""
+def legacy_prompt_handler(json_data):
+    """On-prompt handler: a posted API prompt that names the loaders' file `lycoris_name` (saved before
+    the input became `lora_name`) is renamed before the server validates it."""
+    if isinstance(json_data, dict) and isinstance(json_data.get("prompt"), dict):
+        rename_legacy_inputs(json_data["prompt"])
+    return json_data
+
+
+def _server():
+    """The running PromptServer; None outside a running ComfyUI server (its `server` module is
+    imported by main.py before custom nodes load, so a plain import of the pack never imports it)."""
     if "server" not in sys.modules:
         return None
     try:
         from server import PromptServer
 
-        return PromptServer.instance.routes
+        return PromptServer.instance if hasattr(PromptServer.instance, "routes") else None
     except (ImportError, AttributeError):
         return None
 
 
-_ROUTES = _server_routes()
-if _ROUTES is not None:
+_SERVER = _server()
+_ROUTES = None if _SERVER is None else _SERVER.routes
+if _SERVER is not None:
     register(_ROUTES)
+    if hasattr(_SERVER, "add_on_prompt_handler"):
+        _SERVER.add_on_prompt_handler(legacy_prompt_handler)

@@ -1,5 +1,5 @@
 """The pack's main job, end to end: a real ComfyUI with this pack in `custom_nodes`, serving on
-127.0.0.1, executes `example_workflows/lycoris_loader_api.json` through the HTTP API.
+127.0.0.1, executes `example_workflows/api/lycoris_loader_api.json` through the HTTP API.
 
 The models are generated with random weights by the test harness (tests/e2e/make_models.py): a
 small SD1.x checkpoint that ComfyUI's own loader detects, and an adapter in kohya naming (LoHa on
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW = REPO / "example_workflows" / "lycoris_loader_api.json"
+WORKFLOW = REPO / "example_workflows" / "api" / "lycoris_loader_api.json"
 ADAPTER = "lycoris_demo_loha.safetensors"
 
 sys.path.append(str(REPO / "tests"))  # appended: ComfyUI's root must stay first for `comfy`

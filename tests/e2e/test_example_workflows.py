@@ -1,4 +1,4 @@
-"""Every API-format example workflow (example_workflows/*_api.json) posted to the real ComfyUI server,
+"""Every API-format example workflow (example_workflows/api/*_api.json) posted to the real ComfyUI server,
 each checked for the effect its node is for: an image, a new adapter or checkpoint that lycoris_core
 reads (compared with what the core computes from the inputs), a report in the prompt history.
 `lycoris_loader_api.json` (the main job, with its own LoHa adapter) is run by test_main_job.py; here
@@ -23,7 +23,7 @@ from e2e import make_models
 from e2e.make_models import CHECKPOINT_NAME
 
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOWS = REPO / "example_workflows"
+WORKFLOWS = REPO / "example_workflows" / "api"
 LORA = "e2e_kohya_lora.safetensors"
 DYLORA = "e2e_kohya_dylora.safetensors"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -266,3 +266,37 @@ def test_inspect(comfy_server):
     assert f"Inspect LyCORIS: {LORA}" in report and "algorithms: lora x" in report, report
     heatmap = image(comfy_server, entry)
     assert heatmap.shape[0] > 64 and heatmap.std() > 0
+
+
+def test_an_api_prompt_with_the_loaders_old_input_name_still_runs(comfy_server):
+    """API workflows saved before the loaders' file input became `lora_name` (like core's LoraLoader)
+    name it `lycoris_name`: the server validates and runs them."""
+    graph = unique(workflow("lycoris_loader_model_only_api.json"))
+    loader = node_of(graph, "LycorisLoaderModelOnly")
+    inputs = graph[loader]["inputs"]
+    inputs["lycoris_name"] = inputs.pop("lora_name")
+    inputs["strength_model"] = 0.7
+    entry = comfy_server.run(graph, timeout=300)
+    report = ui_text(entry, loader)
+    assert "LyCORIS e2e_kohya_lora.safetensors (mode auto, strength_model 0.7)" in report, report
+    assert "0 unmatched" in report and entry["outputs"][loader]["lycoris_warning"] == [], report
+
+
+def test_the_ui_examples_are_the_templates_comfyui_lists(comfy_server):
+    """ComfyUI's template browser (GET /api/workflow_templates, 0.28) lists the pack's UI examples by
+    their titles, and no API twin (which it could not open); each is served as a UI workflow."""
+    from urllib.parse import quote
+
+    from e2e.server import PACK_DIR_NAME
+
+    status, body = comfy_server.get_raw("/api/workflow_templates")
+    if status == 404:
+        pytest.skip("this ComfyUI has no template browser (/api/workflow_templates came after March 2024)")
+    listed = json.loads(body)[PACK_DIR_NAME]
+    titles = sorted(path.stem for path in WORKFLOWS.parent.glob("*.json"))
+    assert sorted(listed) == titles and all(title.startswith("LyCORIS ") for title in titles), listed
+    for title in titles:
+        status, raw = comfy_server.get_raw(f"/api/workflow_templates/{PACK_DIR_NAME}/{quote(title)}.json")
+        assert status == 200, (title, status)
+        served = json.loads(raw)
+        assert "nodes" in served and served["extra"]["lycoris_api_twin"].startswith("api/"), title

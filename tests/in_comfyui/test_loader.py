@@ -317,3 +317,96 @@ def test_file_metadata_attached_like_comfyuis_loader(pack, tmp_path):
     assert ours_model.get_attachment("lora_metadata") == expected
     assert ours_clip.patcher.get_attachment("lora_metadata") == expected
     assert model.get_attachment("lora_metadata") is None  # the input model is not touched
+
+
+def _sdxl_like_file(tmp_path, model, clip, unet_fits: bool):
+    """A file as an SDXL trainer writes it, seen from a (tiny) SD1.5 model: its first text encoder fits
+    the CLIP, its second (`lora_te2_`) is not in the model, and its UNet layers carry the model's names
+    with wider inputs (SDXL's cross-attention reads 2048-wide embeddings) unless `unet_fits`."""
+    from safetensors.torch import load_file, save_file
+
+    te, unet = tmp_path / "te_part.safetensors", tmp_path / "unet_part.safetensors"
+    lycoris_file(clip.cond_stage_model.clip_l.transformer.text_model, te, "lora_te1_text_model_", "lora")
+    lycoris_file(model.model.diffusion_model, unet, "lora_unet_", "lora")
+    tensors = load_file(str(te))
+    tensors.update({key.replace("lora_te1_", "lora_te2_", 1): value.clone() for key, value in tensors.items()})
+    for key, value in load_file(str(unet)).items():
+        if not unet_fits and key.endswith("lora_down.weight"):
+            value = torch.cat([value, value[:, :8]], dim=1)  # 8 more input channels than the layer has
+        tensors[key] = value
+    path = tmp_path / f"sdxl_like_{unet_fits}.safetensors"
+    save_file(tensors, str(path), {"ss_base_model_version": "sdxl_base_v1-0"})
+    return path, sum(1 for k in tensors if k.startswith("lora_te2_") and k.endswith("lora_up.weight"))
+
+
+def test_an_adapter_for_another_base_model_is_named_and_shown(pack, tmp_path, caplog):
+    """An SDXL file on an SD1.5 model: the report names the cause, the log warns, the UI output carries
+    the warning the web extension turns into the node's warning state; SDXL's second text encoder is
+    "not in this model", never a duplicate of the first."""
+    _loras(tmp_path, pack)
+    model, clip = tiny_sd15(), tiny_clip(tmp_path)
+    path, te2_modules = _sdxl_like_file(tmp_path, model, clip, unet_fits=False)
+    node = pack.NODE_CLASS_MAPPINGS["LycorisLoader"]()
+    with caplog.at_level("WARNING"):
+        answer = node.load(model, clip, path.name, 1.0, 1.0, "auto")
+    new_model, new_clip, report = answer["result"]
+    [warning] = answer["ui"]["lycoris_warning"]
+    assert warning == report.splitlines()[1], report
+    assert warning.startswith("warning: only the text encoder changed"), warning
+    assert "an SDXL adapter on an SD1.5 model (file: ss_base_model_version=sdxl_base_v1-0; model: SD15)" in warning
+    assert "0 duplicates" in report and f"not in this model (no layer of that name) ({te2_modules}):" in report, report
+    assert any(warning in record.getMessage() for record in caplog.records if record.levelname == "WARNING")
+    assert not new_model.patches and new_clip.patcher.patches  # only the text encoder was patched
+
+
+def test_a_fitting_adapter_shows_no_warning(pack, tmp_path):
+    _loras(tmp_path, pack)
+    model, clip = tiny_sd15(), tiny_clip(tmp_path)
+    path = tmp_path / "fits.safetensors"
+    lycoris_file(model.model.diffusion_model, path, "lora_unet_", "lora")
+    answer = pack.NODE_CLASS_MAPPINGS["LycorisLoader"]().load(model, clip, path.name, 1.0, 1.0, "auto")
+    assert answer["ui"]["lycoris_warning"] == [] and "warning" not in answer["result"][2]
+
+
+def test_a_file_with_nothing_for_this_model_names_the_cause(pack, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _loras(tmp_path, pack)
+    model = tiny_sd15()
+    path = tmp_path / "wide.safetensors"
+    lycoris_file(model.model.diffusion_model, path, "lora_unet_", "lora")
+    tensors = {k: torch.cat([v, v[:, :8]], dim=1) if k.endswith("lora_down.weight") else v
+               for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path))  # no metadata: the cause comes from the shapes
+    with pytest.raises(ValueError, match="wide.safetensors.*nothing in this file matches.*exist in this "
+                                         "SD1.5 model with other widths"):
+        pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]().load(model, path.name, 1.0, "auto")
+
+
+def test_the_file_input_is_lora_name_and_the_old_name_still_loads(pack, tmp_path):
+    """Same input names as core's LoraLoader, so swapping keeps the file; API prompts and calls that
+    use the old `lycoris_name` still run (a posted prompt is renamed before validation)."""
+    import nodes
+
+    from lycoris_pack.nodes.loader import rename_legacy_inputs
+    from lycoris_pack.nodes.routes import legacy_prompt_handler
+
+    core = nodes.LoraLoader.INPUT_TYPES()["required"]
+    for name in ("LycorisLoader", "LycorisLoaderModelOnly"):
+        ours = pack.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()["required"]
+        assert list(ours)[:len(ours) - 1] == [k for k in core if k in ours], list(ours)  # same order, then mode
+    _loras(tmp_path, pack)
+    model = tiny_sd15()
+    path = tmp_path / "old.safetensors"
+    lycoris_file(model.model.diffusion_model, path, "lora_unet_", "lora")
+    node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
+    new_model, report = node.load(model, lycoris_name=path.name, strength_model=1.0, mode="merge")["result"]
+    assert new_model.patches and "old.safetensors" in report
+    prompt = {"1": {"class_type": "LycorisLoader", "inputs": {"lycoris_name": "a.safetensors", "strength_model": 1}},
+              "2": {"class_type": "LycorisCombine", "inputs": {"lycoris_name_1": "b.safetensors"}}}
+    posted = legacy_prompt_handler({"prompt": prompt, "client_id": "x"})
+    assert posted["prompt"]["1"]["inputs"] == {"lora_name": "a.safetensors", "strength_model": 1}
+    assert posted["prompt"]["2"]["inputs"] == {"lycoris_name_1": "b.safetensors"}
+    assert rename_legacy_inputs({"3": {"class_type": "LycorisLoaderModelOnly",
+                                       "inputs": {"lora_name": "new", "lycoris_name": "old"}}}
+                                )["3"]["inputs"] == {"lora_name": "new"}

@@ -292,7 +292,7 @@ def test_duplicates_are_reported_with_the_module_applied(pack, built, tmp_path):
     assert "2/5 modules matched, 1 unmatched, 1 keys not understood, 0 modules with errors, 2 duplicates" in report
     lines = report.splitlines()
     groups = [line.strip() for line in lines if line.startswith("  ") and line.endswith(":")]
-    assert groups == ["no such layer in the model (1):", "duplicate: a layer or rows another module already patches (2):",
+    assert groups == ["not in this model (no layer of that name) (1):", "duplicate: a layer or rows another module already patches (2):",
                       "keys not understood (1):"], report
     assert ("    transformer.transformer_blocks.0.attn.to_q: diffusion_model.double_blocks.0.img_attn.qkv.weight rows "
             "0:3072 is already patched by lora_unet_double_blocks_0_img_attn_qkv (applied); this one left out") in lines

@@ -3,7 +3,7 @@ Chromium on its page (tests/web/comfy_browser.py).
 
 The server is this directory's own (session scope): its models folder holds the e2e checkpoint and
 LoRAs (tests/e2e/conftest.py `e2e_models`) plus the demo LoHa with trigger words that
-example_workflows/lycoris_loader.json names (scripts/run_main_job.py). No Chromium or Playwright
+the loader example names (scripts/run_main_job.py). No Chromium or Playwright
 is an error, never a skip."""
 
 import sys

@@ -1,6 +1,15 @@
-"""Write example_workflows/<name>.json (UI format, for drag-and-drop) from each <name>_api.json.
+"""Write the UI-format example workflows (drag-and-drop, and ComfyUI's template browser) from each
+example_workflows/api/<name>_api.json.
 
     .venv/bin/python tests/web/make_ui_workflows.py [NAME_api.json ...]
+
+ComfyUI 0.28 lists every `example_workflows/*.json` of a custom node in its template browser and
+shows the file name as the title and, with `-`/`_` read as spaces, as the description (it reads no
+index for custom nodes): so each UI file is named by its title (`TITLES`), the API twins live in
+`api/` (an API-format file opened as a template would be refused), and each UI file names its twin
+in `extra.lycoris_api_twin`. Each gets a Note saying what to pick (`NOTES`), and its file widgets
+the property `lycoris_example_files`: web/js/lycoris_examples.js replaces a file the user does not
+have with the first one they do, so an example runs as opened.
 
 Runs the real front-end: a ComfyUI server with this pack (the pinned runtime unless COMFYUI_PATH
 says otherwise; its UI files load in the current front-end too) and headless Chromium. Each API
@@ -21,6 +30,50 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 WORKFLOWS = REPO / "example_workflows"
+API_WORKFLOWS = WORKFLOWS / "api"
+# API file -> the UI file's name: its title in the template browser
+TITLES = {
+    "lycoris_loader_api.json": "LyCORIS 1 - Load a LoRA or LyCORIS file (mode auto)",
+    "lycoris_loader_model_only_api.json": "LyCORIS 2 - Load an adapter on the model only",
+    "lycoris_block_weight_api.json": "LyCORIS 3 - Block weights (strength per UNet block)",
+    "lycoris_inspect_api.json": "LyCORIS 4 - Inspect a file (report and block heat map)",
+    "lycoris_resize_api.json": "LyCORIS 5 - Resize a LoRA to a lower rank",
+    "lycoris_combine_api.json": "LyCORIS 6 - Combine adapters into one file",
+    "lycoris_dylora_slice_api.json": "LyCORIS 7 - Slice a DyLoRA to a rank",
+    "lycoris_extract_api.json": "LyCORIS 8 - Extract a LoRA from a model and a tuned model",
+    "lycoris_merge_to_checkpoint_api.json": "LyCORIS 9 - Merge adapters into a checkpoint file",
+    "lycoris_stack_api.json": "LyCORIS 10 - A stack of adapters in one node",
+    "lycoris_schedule_api.json": "LyCORIS 11 - A LoRA for the first steps only (schedule)",
+}
+_PICK = ("The file boxes name the pack's test files; where you do not have them, the first file of your "
+         "folder is put in their place: pick your own before running.")
+NOTES = {
+    "lycoris_stack_api.json": "Pick your checkpoint, then one file per row of Load LyCORIS Stack (add rows with "
+    "its rows count); each row has its own strengths, mode and block weights. The report on the node lists every "
+    "row and where rows overlap.",
+    "lycoris_schedule_api.json": "Pick your checkpoint and, in Load LyCORIS, a lightning/turbo LoRA (or any "
+    "adapter). LyCORIS Schedule keeps it for the first half of the steps and out of the negative pass; try the "
+    "presets or your own keyframes (0:1, 0.3:0).",
+    "lycoris_loader_api.json": "Pick your checkpoint and, in Load LyCORIS, your LoRA or LyCORIS file (any "
+    "format). Leave mode on auto. After a run the node shows its report; an orange node means the file does "
+    "not fit this model (e.g. an SDXL LoRA on an SD1.5 checkpoint).",
+    "lycoris_loader_model_only_api.json": "Pick your checkpoint and your adapter. Model only: the file's "
+    "text-encoder part is skipped. Leave mode on auto.",
+    "lycoris_block_weight_api.json": "Pick your checkpoint and adapter, then a preset or type block weights "
+    "(IN04=0.5, OUT*=0) in LyCORIS Block Weight; the editor shows the blocks of the connected model.",
+    "lycoris_inspect_api.json": "Pick a file in Inspect LyCORIS (the checkpoint is optional: it gives the "
+    "block layout). The report shows on the node; the heat map in Preview Image.",
+    "lycoris_resize_api.json": "Pick a LoRA/LoCon file and a rank; the new file is written into your loras "
+    "folder (output_name). The report on the node gives the path and the error per layer.",
+    "lycoris_combine_api.json": "Pick two or three adapters and their weights; rank 0 joins LoRA ranks "
+    "exactly. The new file goes into your loras folder.",
+    "lycoris_dylora_slice_api.json": "Pick a DyLoRA file (trained with DyLoRA) and a rank; the sliced file goes "
+    "into your loras folder.",
+    "lycoris_extract_api.json": "Pick the base checkpoint and the LoRA that makes the tuned model (or connect "
+    "any two models); the extracted file goes into your loras folder.",
+    "lycoris_merge_to_checkpoint_api.json": "Pick the checkpoint and up to three adapters; the merged checkpoint "
+    "goes into your checkpoints folder (output_name).",
+}
 for path in (HERE.parent, HERE, REPO / "scripts"):
     if str(path) not in sys.path:
         sys.path.append(str(path))
@@ -109,6 +162,33 @@ def ui_workflow(page, api: dict, object_info: dict) -> dict:
     return workflow
 
 
+NOTE_JS = """(text) => {
+    const note = LiteGraph.createNode("Note");
+    const nodes = app.graph._nodes;
+    note.pos = [40, Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 60];
+    app.graph.add(note);
+    note.widgets[0].value = text;
+    note.setSize([520, 120]);
+    return note.id;
+}"""
+
+
+def example(page, api_name: str, api: dict, object_info: dict) -> dict:
+    """The UI example of `api_name`: the front-end's workflow, a Note, file widgets that fall back."""
+    workflow = ui_workflow(page, api, object_info)
+    for node in workflow["nodes"]:
+        files = [name for name, value in api.get(str(node["id"]), {}).get("inputs", {}).items()
+                 if isinstance(value, str) and value.endswith(".safetensors")]
+        if files:
+            node.setdefault("properties", {})["lycoris_example_files"] = files
+    page.page.evaluate("(w) => app.loadGraphData(w)", workflow)
+    page.settle(0.5)
+    page.page.evaluate(NOTE_JS, NOTES[api_name] + " " + _PICK)
+    workflow = page.page.evaluate("() => app.graph.serialize()")
+    workflow["extra"] = {"lycoris_api_twin": f"api/{api_name}"}
+    return workflow
+
+
 def write_models(models: Path) -> None:
     """The checkpoint and adapters the example workflows name (as the browser tests make them)."""
     import torch
@@ -132,7 +212,7 @@ def main(names: list[str]) -> None:
     from comfy_browser import ComfyPage, fresh_page, launch_chromium
     from e2e.server import ComfyServer
 
-    sources = [WORKFLOWS / name for name in names] if names else sorted(WORKFLOWS.glob("*_api.json"))
+    sources = [API_WORKFLOWS / name for name in names] if names else sorted(API_WORKFLOWS.glob("*_api.json"))
     with tempfile.TemporaryDirectory(prefix="lycoris-ui-workflows-") as work:
         models = Path(work) / "models"
         write_models(models)
@@ -142,8 +222,8 @@ def main(names: list[str]) -> None:
             object_info = server.object_info()
             for source in sources:
                 api = json.loads(source.read_text())
-                target = source.with_name(source.name.replace("_api.json", ".json"))
-                target.write_text(json.dumps(ui_workflow(page, api, object_info), indent=2) + "\n")
+                target = WORKFLOWS / f"{TITLES[source.name]}.json"
+                target.write_text(json.dumps(example(page, source.name, api, object_info), indent=2) + "\n")
                 print(f"wrote {target.relative_to(REPO)}")
             if page.pack_errors():
                 raise SystemExit("the pack's front-end raised:\n" + "\n".join(page.pack_errors()))

@@ -29,6 +29,16 @@ def workflow(name: str) -> dict:
     return json.loads((WORKFLOWS / name).read_text())
 
 
+def ui_examples() -> dict[str, Path]:
+    """API twin (api/<name>_api.json) -> the UI example that names it."""
+    return {json.loads(p.read_text()).get("extra", {}).get("lycoris_api_twin"): p for p in WORKFLOWS.glob("*.json")}
+
+
+def example(api_name: str) -> dict:
+    """The UI example whose API twin is example_workflows/api/<api_name>."""
+    return json.loads(ui_examples()[f"api/{api_name}"].read_text())
+
+
 def vector(text: str, architecture: str = "sd1") -> dict[str, float]:
     """What the node reads from `text` (seed 0, as the /lycoris/blocks presets)."""
     from lycoris_core.block_weights import parse_block_weights
@@ -71,7 +81,7 @@ def shown_in_node(page, node_id: int, panel_class: str) -> None:
 
 def test_block_weights_typed_in_the_editor_are_what_the_server_runs(comfy_page, vue_nodes, web_server, artifacts):
     page = comfy_page
-    page.load_workflow(workflow("lycoris_block_weight.json"))
+    page.load_workflow(example("lycoris_block_weight_api.json"))
     node = page.node_id("LycorisBlockWeight")
     shown_in_node(page, node, "lycoris-blocks")
     assert page.widget_value(node, "preset") == "SD-INALL" and page.widget_value(node, "weights") == ""
@@ -129,7 +139,7 @@ def test_editor_and_panel_follow_a_switch_of_node_rendering_in_the_open_page(com
     page = comfy_page
     if not page.is_new_frontend:
         pytest.skip(NO_VUE_NODES)
-    page.load_workflow(workflow("lycoris_block_weight.json"))
+    page.load_workflow(example("lycoris_block_weight_api.json"))
     node = page.node_id("LycorisBlockWeight")
     loader = page.node_id("LycorisLoader")
     wait_text(editor(page, node).locator(".lycoris-status"), r"^sd1 · 27 blocks")
@@ -154,9 +164,9 @@ def test_info_panel_shows_what_the_selected_file_holds(comfy_page, vue_nodes, e2
 
     page = comfy_page
     models, _ = e2e_models
-    page.load_workflow(workflow("lycoris_loader.json"))
+    page.load_workflow(example("lycoris_loader_api.json"))
     node = page.node_id("LycorisLoader")
-    name = page.widget_value(node, "lycoris_name")
+    name = page.widget_value(node, "lora_name")
     panel = page.page.locator(f'.lycoris-info[data-lycoris-node="{node}"]')
     shown_in_node(page, node, "lycoris-info")
 
@@ -172,14 +182,14 @@ def test_info_panel_shows_what_the_selected_file_holds(comfy_page, vue_nodes, e2
     page.screenshot(artifacts / f"browser_info_panel_{page.rendering}.png")
 
     # another file picked in the combo menu: the panel follows
-    page.choose_combo(node, "lycoris_name", "e2e_kohya_lora.safetensors")
+    page.choose_combo(node, "lora_name", "e2e_kohya_lora.safetensors")
     other = summarize(load_adapter_file(models / "loras" / "e2e_kohya_lora.safetensors"))
     [(algorithm, count)] = other["algorithms"].items()
     text = wait_text(panel, rf"algorithms: {algorithm} ×{count} ")
     assert "loha" not in text and "trigger words: none recorded" in text, text
 
     # a name the loras folders do not list: the server's refusal, shown politely
-    page.page.evaluate("(id) => { app.graph.getNodeById(id).widgets.find((w) => w.name === 'lycoris_name')"
+    page.page.evaluate("(id) => { app.graph.getNodeById(id).widgets.find((w) => w.name === 'lora_name')"
                        ".value = 'gone.safetensors'; }", node)
     page.settle()
     text = wait_text(panel, "cannot show")
@@ -273,15 +283,159 @@ def test_weights_text_round_trips_through_the_nodes_parser(comfy_page):
 
 
 def test_every_ui_workflow_gives_its_api_twin(comfy_page, vue_nodes, web_server):
-    """example_workflows/<name>.json (UI) loads in the front-end and queues as <name>_api.json."""
+    """Each UI example (named by its title in the template browser) loads in the front-end and queues
+    as its API twin, example_workflows/api/<name>_api.json; each twin has one UI example."""
     page = comfy_page
     object_info = web_server.object_info()
-    apis = sorted(WORKFLOWS.glob("*_api.json"))
-    uis = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
-    assert [p.name.replace("_api.json", ".json") for p in apis] == [p.name for p in uis]
-    for api_path in apis:
-        ui = workflow(api_path.name.replace("_api.json", ".json"))
-        assert "nodes" in ui and "links" in ui, f"{api_path.name}'s twin is not in UI format"
+    examples = ui_examples()
+    apis = sorted(p.name for p in (WORKFLOWS / "api").glob("*_api.json"))
+    assert sorted(examples) == [f"api/{name}" for name in apis], examples
+    for twin, ui_path in sorted(examples.items()):
+        ui = json.loads(ui_path.read_text())
+        assert "nodes" in ui and "links" in ui, f"{ui_path.name} is not in UI format"
+        assert any(node["type"] == "Note" for node in ui["nodes"]), f"{ui_path.name} has no Note saying what to pick"
         page.load_workflow(ui)
-        problems = same_prompt(page.graph_to_prompt(), json.loads(api_path.read_text()), object_info)
-        assert not problems, f"{api_path.name}: " + "\n".join(problems)
+        problems = same_prompt(page.graph_to_prompt(), json.loads((WORKFLOWS / twin).read_text()), object_info)
+        assert not problems, f"{ui_path.name}: " + "\n".join(problems)
+
+
+def _mismatched_adapter(models) -> str:
+    """The e2e LoRA as an SDXL file would look to the e2e SD1.5 checkpoint: every UNet layer 8 input
+    channels wider than the model's (its text-encoder part still fits), SDXL in its metadata."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    name = "e2e_sdxl_like.safetensors"
+    tensors = load_file(str(models / "loras" / "e2e_kohya_lora.safetensors"))
+    wide = {k: torch.cat([v, v[:, :8]], dim=1) if k.startswith("lora_unet_") and k.endswith("lora_down.weight") else v
+            for k, v in tensors.items()}
+    save_file(wide, str(models / "loras" / name), {"ss_base_model_version": "sdxl_base_v1-0"})
+    return name
+
+
+def report_panel(page, node_id: int):
+    return page.page.locator(f'.lycoris-report-panel[data-lycoris-node="{node_id}"]')
+
+
+def test_a_report_and_a_mismatch_are_shown_on_the_node(comfy_page, vue_nodes, web_server, e2e_models, artifacts):
+    """After a run the loader shows its report on the node; an SDXL-like file on the SD1.5 checkpoint
+    turns the node orange with the cause in words; a fitting file takes the warning away again."""
+    page = comfy_page
+    models, _ = e2e_models
+    name = _mismatched_adapter(models)
+    page.load_workflow(example("lycoris_loader_api.json"))
+    node = page.node_id("LycorisLoader")
+    shown_in_node(page, node, "lycoris-report-panel")
+    default_color = page.page.evaluate("(id) => app.graph.getNodeById(id).color ?? null", node)
+    # a strength of its own per rendering: the server would answer a prompt it ran already from its cache
+    strength = 0.9 if page.vue_nodes else 0.8
+    for file, warned in ((name, True), ("e2e_kohya_lora.safetensors", False)):
+        page.page.evaluate("""([id, file, strength]) => {
+            const node = app.graph.getNodeById(id);
+            node.widgets.find((w) => w.name === "lora_name").value = file;
+            node.widgets.find((w) => w.name === "strength_clip").value = strength;
+        }""", [node, file, strength])
+        page.settle()
+        prompt_id = page.queue_with_button()
+        entry = web_server.wait_history(prompt_id, timeout=240)
+        report = "\n".join(entry["outputs"][str(node)]["text"])
+        shown = page.page.locator(f'.lycoris-report-panel[data-lycoris-node="{node}"] textarea')
+        from playwright.sync_api import expect
+
+        expect(shown).to_have_value(re.compile(re.escape(report.splitlines()[0])), timeout=20_000)
+        assert shown.input_value() == report
+        warning = report_panel(page, node).locator(".lycoris-warning")
+        color = page.page.evaluate("(id) => app.graph.getNodeById(id).color ?? null", node)
+        if warned:
+            assert "an SDXL adapter on an SD1.5 model" in report, report
+            assert "an SDXL adapter on an SD1.5 model" in warning.inner_text()
+            assert color == "#b0600c", color
+            if page.vue_nodes:  # the Vue node takes the colour too
+                page.scroll_to(node)
+                html = page.vue_node(node).evaluate("(element) => element.outerHTML").lower()
+                assert any(c in html for c in ("b0600c", "176, 96, 12", "6a3a12", "106, 58, 18")), html[:600]
+            page.view_from_left()
+            page.screenshot(artifacts / f"browser_mismatch_{page.rendering}.png")
+        else:
+            assert "warning" not in report and warning.inner_text() == "", report
+            assert color == default_color, color
+    shown_in_node(page, node, "lycoris-report-panel")
+
+
+def test_utility_reports_are_shown_on_the_node(comfy_page, vue_nodes, web_server):
+    """Inspect's report (a utility node) on the node after a run, in both renderings."""
+    page = comfy_page
+    page.load_workflow(example("lycoris_inspect_api.json"))
+    node = page.node_id("LycorisInspect")
+    shown_in_node(page, node, "lycoris-report-panel")
+    page.page.evaluate("""([id, value]) => { app.graph.getNodeById(id).widgets.find((w) => w.name === "architecture")
+                          .value = value; }""", [node, "sd1" if page.vue_nodes else "auto"])
+    entry = web_server.wait_history(page.queue_with_button(), timeout=240)
+    report = "\n".join(entry["outputs"][str(node)]["text"])
+    text = report_panel(page, node).locator("textarea")
+    from playwright.sync_api import expect
+
+    expect(text).to_have_value(re.compile("Inspect LyCORIS: e2e_kohya_lora"), timeout=20_000)
+    assert text.input_value() == report
+
+
+def test_an_example_opened_without_its_files_falls_back_to_the_users(comfy_page, web_server):
+    """An example naming files this install does not have takes the first listed ones (its Note says to
+    pick your own); a user's own workflow (no example property) is left as saved."""
+    page = comfy_page
+    ui = example("lycoris_loader_api.json")
+    for node in ui["nodes"]:
+        if node["type"] == "LycorisLoader":
+            node["widgets_values"][0] = "not_here.safetensors"
+    page.load_workflow(ui)
+    node = page.node_id("LycorisLoader")
+    listed = page.page.evaluate("(id) => app.graph.getNodeById(id).widgets.find((w) => w.name === 'lora_name')"
+                                ".options.values", node)
+    assert page.widget_value(node, "lora_name") == listed[0] != "not_here.safetensors"
+    for node_data in ui["nodes"]:
+        node_data.get("properties", {}).pop("lycoris_example_files", None)
+    page.load_workflow(ui)
+    assert page.widget_value(page.node_id("LycorisLoader"), "lora_name") == "not_here.safetensors"
+
+
+def test_a_workflow_saved_with_lycoris_name_still_loads_and_runs(comfy_page, vue_nodes, web_server):
+    """A UI workflow saved before the loaders' file input became `lora_name` (widget values are
+    positional; the current front-end also saved a widget input named `lycoris_name`) keeps its file,
+    strengths and mode, and runs."""
+    page = comfy_page
+    saved = json.loads((Path(__file__).parent / "data" / "saved_with_lycoris_name.json").read_text())
+    page.load_workflow(saved)
+    node = page.node_id("LycorisLoader")
+    inputs = page.graph_to_prompt()[str(node)]["inputs"]
+    assert "lycoris_name" not in inputs, inputs
+    assert (inputs["lora_name"], inputs["strength_model"], inputs["strength_clip"], inputs["mode"]) == \
+        ("lycoris_demo_loha.safetensors", 1, 1, "merge"), inputs
+    # a strength of its own per rendering: the server would answer a prompt it ran already from its cache
+    strength = 0.9 if page.vue_nodes else 0.8
+    page.page.evaluate("""([id, strength]) => { app.graph.getNodeById(id).widgets
+                          .find((w) => w.name === "strength_model").value = strength; }""", [node, strength])
+    entry = web_server.wait_history(page.queue_with_button(), timeout=240)
+    report = "\n".join(entry["outputs"][str(node)]["text"])
+    assert f"LyCORIS lycoris_demo_loha.safetensors (mode merge, strength_model {strength:g}" in report, report
+
+
+def test_the_info_panel_compares_the_files_base_model_with_the_checkpoint(comfy_page, vue_nodes, e2e_models):
+    """Before anything runs: an SDXL-like file picked on a loader fed by the SD1.5 checkpoint says it
+    will not fit; the fitting file does not."""
+    page = comfy_page
+    models, _ = e2e_models
+    name = _mismatched_adapter(models)
+    page.load_workflow(example("lycoris_loader_api.json"))
+    node = page.node_id("LycorisLoader")
+    panel = page.page.locator(f'.lycoris-info[data-lycoris-node="{node}"]')
+    page.page.evaluate("([id, file]) => { app.graph.getNodeById(id).widgets.find((w) => w.name === 'lora_name')"
+                       ".value = file; }", [node, name])
+    text = wait_text(panel, "it will not fit")
+    assert "SDXL file, sd1 model (e2e_tiny_sd15.safetensors): it will not fit" in text, text
+    assert "base model: sdxl_base_v1-0 (SDXL)" in text, text
+    page.page.evaluate("([id, file]) => { app.graph.getNodeById(id).widgets.find((w) => w.name === 'lora_name')"
+                       ".value = file; }", [node, "e2e_kohya_lora.safetensors"])
+    from playwright.sync_api import expect
+
+    text = wait_text(panel, r"base model: sd_v1 \(SD1\.5\)")
+    assert "will not fit" not in text, text

@@ -1,9 +1,10 @@
 // Info panel on the LyCORIS loaders: what the selected file holds (algorithm mix, ranks, base
 // model, trigger words), read by the server's GET /lycoris/info, which only opens files ComfyUI
-// lists in its loras folders. Display only: nothing of it is saved or queued. After a run the
-// loader's report (its "text" UI output) is shown under it.
+// lists in its loras folders. Display only: nothing of it is saved or queued. The loader's report
+// after a run is shown by lycoris_report.js.
 
 import { app } from "../../scripts/app.js";
+import { blockSource } from "./lycoris_block_weight.js";
 import { addPanelWidget, addStyles, chainCallback, el, fetchCached, findWidget, fitNode, watchNode } from "./lycoris_common.js";
 
 const LOADERS = new Set(["LycorisLoader", "LycorisLoaderModelOnly"]);
@@ -12,6 +13,14 @@ const LINE_HEIGHT = 15;
 function baseModel(summary) {
 	const training = summary.training ?? {};
 	return training["modelspec.architecture"] ?? training.ss_base_model_version ?? training.ss_sd_model_name ?? null;
+}
+
+/** The base model as recorded (and as users name it), or as read from the layers when not recorded. */
+function baseLine(summary, trainedFor) {
+	const recorded = baseModel(summary);
+	const family = trainedFor?.name;
+	if (recorded) return family ? `${recorded} (${family})` : recorded;
+	return family ? `${family} (from its layers)` : "not in the file's metadata";
 }
 
 function line(key, value, title) {
@@ -29,7 +38,7 @@ export function infoLines(info) {
 	const lines = [
 		line("algorithms", `${algorithms} (${summary.modules} modules${size})`),
 		line("rank", `${ranks}   alpha: ${alphas}`),
-		line("base model", baseModel(summary) ?? "not in the file's metadata"),
+		line("base model", baseLine(summary, info.trained_for)),
 		line("trigger words", triggers.length ? triggers.slice(0, 8).join(", ") + (triggers.length > 8 ? ", …" : "") : "none recorded",
 			triggers.join(", ")),
 	];
@@ -41,18 +50,18 @@ export function infoLines(info) {
 }
 
 function addInfoPanel(node) {
-	const nameWidget = findWidget(node, "lycoris_name");
+	// `lora_name` since the loaders took core's input names; `lycoris_name` before
+	const nameWidget = findWidget(node, "lora_name") ?? findWidget(node, "lycoris_name");
 	if (!nameWidget) return;
 	const body = el("div.lycoris-info-body");
-	const report = el("div.lycoris-note.lycoris-line.lycoris-report");
-	const panel = el("div.lycoris-panel.lycoris-info", { title: "" }, [body, report]);
+	const panel = el("div.lycoris-panel.lycoris-info", { title: "" }, [body]);
 	let shown = null; // the file name the panel shows (or is loading)
 	let lines = 1;
 
 	const contentHeight = () => {
-		const measured = body.offsetHeight + report.offsetHeight;
+		const measured = body.offsetHeight;
 		if (panel.offsetParent && measured > 0) return measured + 12;
-		return (Math.max(1, lines) + (report.textContent ? 1 : 0)) * LINE_HEIGHT + 12;
+		return Math.max(1, lines) * LINE_HEIGHT + 12;
 	};
 	addPanelWidget(node, "lycoris_info", panel, { height: contentHeight });
 
@@ -62,11 +71,26 @@ function addInfoPanel(node) {
 		fitNode(node);
 	};
 
+	// the file's base model against the checkpoint the model input comes from, before anything runs
+	const modelCheck = async (info, source) => {
+		const file = info.trained_for;
+		if (source.kind !== "file" || !file?.architecture) return [];
+		const query = `folder=${encodeURIComponent(source.folder)}&name=${encodeURIComponent(source.name)}`;
+		const model = await fetchCached(`/lycoris/architecture?${query}`).catch(() => null);
+		if (!model?.architecture || model.architecture === "unknown" || model.architecture === file.architecture) return [];
+		return [el("div.lycoris-error.lycoris-mismatch", {
+			textContent: `${file.name} file, ${model.architecture} model (${source.name}): it will not fit`,
+			title: `file: ${file.evidence}`,
+		})];
+	};
+
 	const refresh = async () => {
 		panel.dataset.lycorisNode = String(node.id);
+		const source = blockSource(node);
 		const name = nameWidget.value;
-		if (name === shown) return;
-		shown = name;
+		const key = `${name}|${source.kind === "file" ? `${source.folder}/${source.name}` : ""}`;
+		if (key === shown) return;
+		shown = key;
 		if (!name || name === "none") {
 			show([el("div.lycoris-note", { textContent: "no file selected" })]);
 			return;
@@ -74,12 +98,13 @@ function addInfoPanel(node) {
 		show([el("div.lycoris-note", { textContent: `reading ${name}…` })]);
 		try {
 			const info = await fetchCached(`/lycoris/info?name=${encodeURIComponent(name)}`);
-			if (shown === name) {
+			const mismatch = await modelCheck(info, source);
+			if (shown === key) {
 				panel.title = info.text ?? "";
-				show(infoLines(info));
+				show([...mismatch, ...infoLines(info)]);
 			}
 		} catch (error) {
-			if (shown === name) {
+			if (shown === key) {
 				panel.title = "";
 				show([el("div.lycoris-error", { textContent: `cannot show ${name}: ${error.message}` })]);
 			}
@@ -88,14 +113,6 @@ function addInfoPanel(node) {
 
 	chainCallback(nameWidget, refresh);
 	watchNode(node, refresh);
-	const onExecuted = node.onExecuted;
-	node.onExecuted = function (message) {
-		onExecuted?.apply(this, arguments);
-		const text = message?.text?.join?.("\n") ?? "";
-		report.textContent = text.split("\n")[0];
-		report.title = text;
-		fitNode(node);
-	};
 	setTimeout(refresh, 0);
 }
 
