@@ -193,8 +193,13 @@ def _row_orders(channels, bounds, half, device):
     """For `patch`: the row gathers [before group 0, ..., before the last group, after it]
     (None where the order does not change). Group k's order lists, per position, the natural
     channel `_group_channels` puts there; the gather into it reads each channel where the
-    previous order left it."""
-    natural = torch.arange(channels, device=device)
+    previous order left it. Built on the CPU (they depend on shapes alone: comparing them on the
+    compute device would read a device tensor on the host), then moved to `device`."""
+    return [None if g is None else g.to(device) for g in _cpu_row_orders(channels, bounds, half)]
+
+
+def _cpu_row_orders(channels, bounds, half):
+    natural = torch.arange(channels)
     orders = [_group_channels(natural, p, q, half).reshape(-1) for p, q in bounds] + [natural]
     gathers, where = [], natural  # where[c]: the row holding channel c now
     for order in orders:
