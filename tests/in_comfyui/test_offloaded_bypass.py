@@ -144,6 +144,8 @@ def flux_models(comfy, tmp_path_factory):
         float_model = load_diffusion_model(folder, "dequantised.safetensors")
         for algo, kwargs in ALGOS.items():
             kwargs = {k: v for k, v in kwargs.items() if not k.startswith("conv")}
+            if algo == "boft":  # Flux's 1536/1792 features take butterfly blocks of 12/14, not factor 4's
+                kwargs["linear_dim"] = 16
             lycoris_file(float_model.model.diffusion_model, folder / f"{algo}.safetensors", "lora_unet_",
                          kwargs.pop("algo"), target_module=("Linear",), **kwargs)
         return model, folder
