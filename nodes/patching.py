@@ -51,7 +51,7 @@ class LoadReport:
             "algorithms: " + ", ".join(f"{k} x{v}" for k, v in adapter_file.algorithms().items())
             + "; ranks: " + (", ".join(map(str, adapter_file.ranks())) or "-"),
         ]
-        lines.extend(trainer_notes(adapter_file.metadata, adapter_file.context.peft_config))
+        lines.extend(trainer_notes(adapter_file.metadata, adapter_file.context.peft_config) + adapter_file.notes)
         on_model = sum(1 for v in self.targets.values() if v == "model")
         on_clip = sum(1 for v in self.targets.values() if v == "clip")
         lines.append(f"patched: {on_model} model layers, {on_clip} text-encoder layers")

@@ -243,6 +243,45 @@ def test_peft_scale_needs_the_config(peft_case, tmp_path):
     assert without.adapters["base_model.model.lin"].scale == pytest.approx(1.0)
 
 
+def _without_config(pc: PeftCase, directory) -> str:
+    """The adapter file alone, as it lands in models/loras."""
+    lone = os.path.join(str(directory), "adapter_model.safetensors")
+    save_file(load_file(pc.adapter_path), lone)
+    return lone
+
+
+def test_peft_ia3_orientation_without_the_config(peft_case, tmp_path):
+    """IA3's feed-forward side is in the tensors wherever they can tell: Linear vectors are (1, in)
+    or (out, 1), square or not, and a conv vector's length fits one side when in != out. Here
+    lin, sq and conv3 (16 -> 32) are feed-forward, conv1 and lin_nobias are not."""
+    pc = peft_case("ia3_feedforward")
+    adapter_file = load_adapter_file(_without_config(pc, tmp_path))
+    assert adapter_file.context.peft_config is None
+    _check(pc, adapter_file, expect_changed_bias=True)
+
+
+def test_peft_missing_config_is_said(peft_case, tmp_path, caplog, capsys):
+    """Report note, log warning and `inspect` all say the config is missing and what was assumed."""
+    from lycoris_core.cli import main
+    from lycoris_core.inspection import format_summary, summarize
+
+    pc = peft_case("lora_alpha_ne_r")
+    assert load_adapter_file(pc.adapter_path).notes == []
+    lone = _without_config(pc, tmp_path)
+    with caplog.at_level("WARNING"):
+        adapter_file = load_adapter_file(lone)
+    (note,) = adapter_file.notes
+    assert note.startswith("no adapter_config.json beside adapter_model.safetensors: alpha taken as rank (scale 1)")
+    assert note.endswith("put the config beside it")
+    assert any(note in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    assert note in format_summary(summarize(adapter_file))
+    assert main(["inspect", lone]) == 0
+    assert note in capsys.readouterr().out
+    (tmp_path / "ia3").mkdir()
+    ia3 = load_adapter_file(_without_config(peft_case("ia3"), tmp_path / "ia3"))
+    assert "IA3 feed-forward layers read from the tensor shapes" in ia3.notes[0] and "alpha" not in ia3.notes[0]
+
+
 def test_peft_strength_is_linear_for_lora(peft_case):
     pc = peft_case("lora")
     adapter_file = load_adapter_file(pc.adapter_path)
