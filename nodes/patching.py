@@ -140,7 +140,7 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
             if clip is None and is_text_encoder_module(module):
                 report.skipped_text_encoder.append(module)
             else:
-                coverage.unmatched.append(module)
+                coverage.add_unmatched(module)
             continue
         weights, strength, active = sides[side]
         key = target_key(target)
@@ -168,7 +168,7 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
                 bypassed[side].append((key[: -len(".weight")], adapter, strength, offset))
                 report.count_bypass(adapter, geometry(layer), quantized)
             elif active:
-                if wants_bypass:
+                if wants_bypass and key.endswith(".weight"):  # a bare parameter (diff_m) has no forward
                     report.not_bypassed.append(key)
                 if quantized is not None:
                     report.merged_quantized[quantized] = report.merged_quantized.get(quantized, 0) + 1
