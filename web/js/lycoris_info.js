@@ -100,7 +100,7 @@ function addInfoPanel(node) {
 }
 
 app.registerExtension({
-	name: "lycoris.AdapterInfo",
+	name: "lycoris-node-pack.AdapterInfo",
 	async nodeCreated(node) {
 		if (!LOADERS.has(node.comfyClass)) return;
 		addStyles();
