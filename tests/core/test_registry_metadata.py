@@ -1,7 +1,8 @@
 """What the Comfy Registry and the front-end read from the pack: checked on the files themselves.
 
 Front-end extension names live in one namespace shared by every installed pack, so ours start with
-the Registry id (`[project] name`); the Registry reads only Homepage/Documentation/Repository/Issues
+the pack's namespace as comfy-test's lint derives it (`[tool.comfy] DisplayName` lowercased, letters
+and digits only: "lycorisnodepack"); the Registry reads only Homepage/Documentation/Repository/Issues
 from `[project.urls]`; the Registry zip leaves the development folders out (.comfyignore).
 """
 
@@ -18,15 +19,15 @@ def _pyproject() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 
 
-def test_extension_names_are_under_the_pack_id():
-    pack_id = _pyproject()["project"]["name"]
+def test_extension_names_are_under_the_pack_namespace():
+    namespace = re.sub(r"[^a-z0-9]", "", _pyproject()["tool"]["comfy"]["DisplayName"].lower())
     names = []
     for script in sorted((ROOT / "web" / "js").glob("*.js")):
         text = script.read_text(encoding="utf-8")
         names += re.findall(r"registerExtension\(\{\s*name:\s*\"([^\"]+)\"", text)
         assert text.count("registerExtension(") == len(re.findall(r"registerExtension\(\{\s*name:", text)), script
     assert names, "no front-end extension found"
-    assert all(name.startswith(pack_id + ".") for name in names), names
+    assert all(name.startswith(namespace + ".") for name in names), names
 
 
 def test_registry_fields():

@@ -100,7 +100,7 @@ function addInfoPanel(node) {
 }
 
 app.registerExtension({
-	name: "lycoris-node-pack.AdapterInfo",
+	name: "lycorisnodepack.AdapterInfo",
 	async nodeCreated(node) {
 		if (!LOADERS.has(node.comfyClass)) return;
 		addStyles();
