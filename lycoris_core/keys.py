@@ -70,6 +70,15 @@ def split_key(key: str, suffixes: tuple[str, ...]) -> tuple[str, str] | None:
     return None
 
 
+def join_key(module: str, suffix: str) -> str:
+    """The file key for a module's tensor: `split_key` inverted (a parameter delta goes back to
+    `blocks.N.diff_m`, not `blocks.N.modulation.diff_m`)."""
+    parameter = PARAMETER_DELTAS.get(suffix)
+    if parameter is not None and module.endswith("." + parameter):
+        module = module[: -len(parameter) - 1]
+    return f"{module}.{suffix}"
+
+
 _CACHE: dict[tuple, tuple[str, ...]] = {}
 
 

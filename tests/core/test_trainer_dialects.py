@@ -165,3 +165,26 @@ def test_wan_distillation_keys_merge_into_a_generic_state_dict():
     }
     for key, want in expected.items():
         torch.testing.assert_close(merged[key], want, rtol=1e-6, atol=1e-6, msg=key)
+
+
+def test_wan_distillation_keys_survive_combine_with_their_names():
+    """Combine writes `diff_m` back under its own key (`blocks.N.diff_m`) scaled by the input's weight,
+    and keeps a LoRA's `diff_b` (the exact path copies it; weighted, the layer is materialised with it)."""
+    from lycoris_core.combine import combine
+
+    g = torch.Generator().manual_seed(1)
+    t = {"diffusion_model.blocks.0.diff_m": torch.randn(1, 6, 8, generator=g),
+         "diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.randn(2, 8, generator=g),
+         "diffusion_model.blocks.0.ffn.0.lora_up.weight": torch.randn(8, 2, generator=g),
+         "diffusion_model.blocks.0.ffn.0.diff_b": torch.randn(8, generator=g)}
+    source = decode_tensors(t)
+    for weight in (1.0, 0.5):
+        result = combine([(source, weight)], dtype="fp32")
+        again = decode_tensors(result.tensors)
+        assert "diffusion_model.blocks.0.diff_m" in result.tensors and again.unknown_keys == []
+        torch.testing.assert_close(again.adapters["diffusion_model.blocks.0.modulation"].t("diff_m"),
+                                   weight * t["diffusion_model.blocks.0.diff_m"])
+        ffn = again.adapters["diffusion_model.blocks.0.ffn.0"]
+        torch.testing.assert_close(ffn.bias_delta(torch.zeros(8)), weight * t["diffusion_model.blocks.0.ffn.0.diff_b"])
+        up, down = t["diffusion_model.blocks.0.ffn.0.lora_up.weight"], t["diffusion_model.blocks.0.ffn.0.lora_down.weight"]
+        torch.testing.assert_close(ffn.patch(torch.zeros(8, 8))[0], weight * up @ down, rtol=1e-5, atol=1e-6)
