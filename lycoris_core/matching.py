@@ -17,7 +17,7 @@ from .name_tables import whole_weight_targets
 # Layers only some variants of an architecture have: a file trained on one variant names them, and
 # on another variant they are simply absent, not a failure. (name parts, which variant has them)
 VARIANT_ONLY_LAYERS = (
-    (("k_img", "v_img", "norm_k_img", "img_emb"), "I2V-only: Wan 2.1 image-to-video and its kin"),
+    (("k_img", "v_img", "norm_k_img", "img_emb"), "I2V-only: Wan 2.1 image-to-video models"),
 )
 _VARIANT_PATTERNS = tuple(
     (re.compile(r"(?:^|[._])(?:" + "|".join(parts) + r")(?:[._]|$)"), label) for parts, label in VARIANT_ONLY_LAYERS

@@ -15,7 +15,8 @@ from .oft import DiagOFT, LegacyOFT, PeftOFT
 from .tlora import TLoRA
 
 FAMILIES: tuple[type[Adapter], ...] = (
-    TLoRA, LoHa, LoKr, DiagOFT, BOFT, LegacyOFT, PeftOFT, PeftBOFT, GLoRA, IA3, PeftIA3, ParameterDelta, Full, Norm, LoRA,
+    TLoRA, LoHa, LoKr, DiagOFT, BOFT, LegacyOFT, PeftOFT, PeftBOFT, GLoRA, IA3, PeftIA3, ParameterDelta, Full, Norm,
+    LoRA,
 )
 
 # Keys that modify or accompany a family rather than identify one.

@@ -70,7 +70,6 @@ class Norm(Full):
     weight_key, bias_key = "w_norm", "b_norm"
 
 
-
 class ParameterDelta(Full):
     """P' = P + m*diff_m on a parameter that is not a layer's weight (lightx2v/Wan `blocks.N.diff_m`
     on `blocks.N.modulation`, shape (1, 6, dim); `head.diff_m` on the head's (1, 2, dim)). The reader
