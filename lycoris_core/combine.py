@@ -25,6 +25,7 @@ import torch
 
 from .algos.base import flat
 from .extract import TensorSource, UtilityResult, _measure, _split
+from .keys import join_key
 from .matching import match_generic
 from .reader import AdapterFile, load_adapter_file
 from .svd import (
@@ -39,7 +40,7 @@ UP, DOWN, MID = "lora_up.weight", "lora_down.weight", "lora_mid.weight"
 def _plain_lora(adapter) -> bool:
     """A LoRA/LoCon whose delta is exactly gamma * up (x mid) x down (nothing else attached)."""
     return adapter.algo == "lora" and not adapter.has_dora and not any(
-        k in adapter.tensors for k in ("bias_indices", "lora_up.bias"))
+        k in adapter.tensors for k in ("bias_indices", "lora_up.bias", "diff_b"))
 
 
 def _base_free(adapter) -> bool:
@@ -146,7 +147,7 @@ def combine(
                 continue
             report.name, report.source = name, ", ".join(m[2] for m in members)
             for suffix, tensor in out.items():
-                tensors[f"{name}.{suffix}"] = tensor
+                tensors[join_key(name, suffix)] = tensor
             layers.append(report)
         if progress is not None:
             progress(len(items), len(items))
@@ -237,7 +238,7 @@ def _combine_lora(members, rules, dtype):
                             norm, "qr-core svd of the concatenated factors")
 
 
-_FOLD_KEYS = {"loha": ("hada_w1_a",), "full": ("diff", "diff_b"), "norm": ("w_norm", "b_norm")}
+_FOLD_KEYS = {"loha": ("hada_w1_a",), "full": ("diff", "diff_b", "diff_m"), "norm": ("w_norm", "b_norm")}
 
 
 def _foldable(adapter, weight) -> bool:

@@ -30,6 +30,7 @@ import torch
 
 from .algos.base import flat
 from .extract import UtilityResult
+from .keys import join_key
 from .reader import AdapterFile, load_adapter_file, network_args
 from .svd import LayerReport, error_summary, frobenius_of_product, parse_dtype, product_error
 
@@ -121,7 +122,7 @@ def slice_dylora(
         adapter = source.adapters[name]
         if adapter.algo != "lora" or "lora_mid.weight" in adapter.tensors or "bias_indices" in adapter.tensors:
             for suffix, tensor in adapter.tensors.items():
-                tensors[f"{name}.{suffix}"] = tensor
+                tensors[join_key(name, suffix)] = tensor
             skipped.append((name, f"{adapter.algo} module (not a plain LoRA) copied unchanged"))
             continue
         r = adapter.rank
@@ -134,7 +135,7 @@ def slice_dylora(
             new_up, new_down = new_up.to(out_dtype), new_down.to(out_dtype)
         for suffix, tensor in adapter.tensors.items():
             if suffix not in (UP, DOWN, "alpha"):
-                tensors[f"{name}.{suffix}"] = tensor
+                tensors[join_key(name, suffix)] = tensor
         tensors[f"{name}.{UP}"] = new_up
         tensors[f"{name}.{DOWN}"] = new_down
         tensors[f"{name}.alpha"] = torch.tensor(alpha2, dtype=torch.float32)

@@ -68,6 +68,7 @@ def summarize(adapter_file: AdapterFile) -> dict:
         "other_metadata": sorted(k for k in adapter_file.metadata if k not in _SHOWN_ELSEWHERE),
         "unknown_keys": adapter_file.unknown_keys,
         "problems": adapter_file.problems,
+        "notes": adapter_file.notes,
         "per_module": modules,
     }
 
@@ -96,6 +97,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"keys not understood ({len(summary['unknown_keys'])}): " + ", ".join(summary["unknown_keys"][:10]))
     for problem in summary["problems"][:10]:
         lines.append(f"error: {problem}")
+    for note in summary.get("notes", []):
+        lines.append(f"warning: {note}")
     return "\n".join(lines)
 
 

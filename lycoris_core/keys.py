@@ -22,6 +22,10 @@ SUFFIX_ALIASES = {
     "lora_linear_layer.up.weight": "lora_up.weight",
     "lora_magnitude_vector.weight": "lora_magnitude_vector",
 }
+# Deltas stored for a bare parameter rather than a layer: suffix -> the parameter it changes. lightx2v's
+# Wan distillation LoRAs write `blocks.N.diff_m` (and `head.diff_m`) for the block's `modulation`
+# nn.Parameter; the module name becomes the parameter's own name (`blocks.N.modulation`).
+PARAMETER_DELTAS = {"diff_m": "modulation"}
 # old diffusers attention processors append the suffix to the name: `...processor.to_q_lora.up.weight`
 GLUED_SUFFIXES = {"_lora.up.weight": "lora_up.weight", "_lora.down.weight": "lora_down.weight"}
 
@@ -57,10 +61,22 @@ def split_key(key: str, suffixes: tuple[str, ...]) -> tuple[str, str] | None:
     for alias, canonical in GLUED_SUFFIXES.items():
         if key.endswith(alias):
             return key[: -len(alias)], canonical
+    for suffix, parameter in PARAMETER_DELTAS.items():
+        if suffix in suffixes and key.endswith("." + suffix) and len(key) > len(suffix) + 1:
+            return f"{key[: -len(suffix) - 1]}.{parameter}", suffix
     for suffix in _candidates(suffixes):
         if key.endswith("." + suffix) and len(key) > len(suffix) + 1:
             return key[: -len(suffix) - 1], SUFFIX_ALIASES.get(suffix, suffix)
     return None
+
+
+def join_key(module: str, suffix: str) -> str:
+    """The file key for a module's tensor: `split_key` inverted (a parameter delta goes back to
+    `blocks.N.diff_m`, not `blocks.N.modulation.diff_m`)."""
+    parameter = PARAMETER_DELTAS.get(suffix)
+    if parameter is not None and module.endswith("." + parameter):
+        module = module[: -len(parameter) - 1]
+    return f"{module}.{suffix}"
 
 
 _CACHE: dict[tuple, tuple[str, ...]] = {}

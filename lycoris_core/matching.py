@@ -11,10 +11,25 @@ by `nodes/` instead; both produce the same `Coverage`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-from .keys import underscore_form
+from .keys import PARAMETER_DELTAS, underscore_form
 from .name_tables import whole_weight_targets
+
+# Layers only some variants of an architecture have: a file trained on one variant names them, and
+# on another variant they are simply absent, not a failure. (name parts, which variant has them)
+VARIANT_ONLY_LAYERS = (
+    (("k_img", "v_img", "norm_k_img", "img_emb"), "I2V-only: Wan 2.1 image-to-video models"),
+)
+_VARIANT_PATTERNS = tuple(
+    (re.compile(r"(?:^|[._])(?:" + "|".join(parts) + r")(?:[._]|$)"), label) for parts, label in VARIANT_ONLY_LAYERS
+)
+
+
+def variant_only(module: str) -> str | None:
+    """Which variant has the layer `module` names, when it is one of VARIANT_ONLY_LAYERS."""
+    return next((label for pattern, label in _VARIANT_PATTERNS if pattern.search(module)), None)
 
 
 @dataclass
@@ -26,6 +41,7 @@ class Coverage:
     source: str
     matched: dict[str, str] = field(default_factory=dict)  # module name -> model layer (weight key)
     unmatched: list[str] = field(default_factory=list)  # module names with no layer in the model
+    absent: list[str] = field(default_factory=list)  # modules for layers only another variant has
     unknown_keys: list[str] = field(default_factory=list)  # file keys no algorithm understood
     problems: list[str] = field(default_factory=list)  # modules left out (bad shapes), one line each
     duplicates: list[str] = field(default_factory=list)  # "module: ... (applied: other)", one line each
@@ -33,6 +49,12 @@ class Coverage:
     # module -> (part, parts): the module patches rows part*n:(part+1)*n of its layer's n*parts
     # rows (q/k/v of an OpenCLIP `in_proj_weight`); modules not here patch the whole weight
     rows: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def add_unmatched(self, module: str) -> None:
+        """A module with no layer here: `absent` when its layer belongs to another variant of the
+        architecture (VARIANT_ONLY_LAYERS), else `unmatched`."""
+        label = variant_only(module)
+        (self.unmatched if label is None else self.absent).append(module if label is None else f"{module} ({label})")
 
     @property
     def untouched(self) -> int:
@@ -44,14 +66,17 @@ class Coverage:
 
     def lines(self, limit: int = 5) -> list[str]:
         """A summary line, then each group of what did not land with its first `limit` entries."""
-        total = len(self.matched) + len(self.unmatched) + len(self.problems) + len(self.duplicates)
+        total = len(self.matched) + len(self.unmatched) + len(self.problems) + len(self.duplicates) + len(self.absent)
         out = [
             f"{self.source}: {len(self.matched)}/{total} modules matched, "
-            f"{len(self.unmatched)} unmatched, {len(self.unknown_keys)} keys not understood, "
+            f"{len(self.unmatched)} unmatched, "
+            + (f"{len(self.absent)} not in this model (other variant), " if self.absent else "")
+            + f"{len(self.unknown_keys)} keys not understood, "
             f"{len(self.problems)} modules with errors, {len(self.duplicates)} duplicates; "
             f"{self.untouched} of {self.model_layers} model layers untouched"
         ]
-        for title, items in (("not in this model (no layer of that name)", self.unmatched),
+        for title, items in (("not in this model (I2V-only / other variant; not an error)", self.absent),
+                             ("not in this model (no layer of that name)", self.unmatched),
                              ("shape or tensors do not fit", self.problems),
                              ("duplicate: a layer or rows another module already patches", self.duplicates),
                              ("keys not understood", self.unknown_keys)):
@@ -91,9 +116,15 @@ class TargetClaims:
 
 
 def layer_index(model_keys) -> dict[str, str]:
-    """underscore form -> weight key, for every `X.weight` of a state dict."""
+    """underscore form -> weight key, for every `X.weight` of a state dict; a bare parameter that
+    adapters change directly (keys.PARAMETER_DELTAS, e.g. Wan's `blocks.N.modulation`) is its own key."""
     index: dict[str, str] = {}
+    parameters = tuple("." + name for name in PARAMETER_DELTAS.values())
     for key in model_keys:
+        if key.endswith(parameters):
+            index.setdefault(underscore_form(key), key)
+            index.setdefault(key.replace(".", "_"), key)
+            continue
         if not key.endswith(".weight"):
             continue
         module = key[: -len(".weight")]
@@ -183,7 +214,7 @@ def match_generic(adapter_file, model_keys) -> Coverage:
         else:
             target = index.get(underscore_form(module)) or index.get(module.replace(".", "_"))
         if target is None:
-            coverage.unmatched.append(module)
+            coverage.add_unmatched(module)
         elif (applied := claims.claim(module, target, None if rows is None else (rows[0], 1))) is not None:
             # e.g. lora_te1_X and lora_te2_X on a generic dict holding one X: refuse to guess
             where = target if rows is None else f"{target} (part {rows[0] + 1} of {rows[1]})"

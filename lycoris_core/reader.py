@@ -7,6 +7,7 @@ a per-module problem (inconsistent shapes). Nothing is dropped silently.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class AdapterFile:
     unknown_keys: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     context: DecodeContext = field(default_factory=DecodeContext)
+    notes: list[str] = field(default_factory=list)  # how the file was read where it left a choice
 
     @property
     def name(self) -> str:
@@ -158,7 +160,32 @@ def decode_tensors(
             + (f" (e.g. '{unknown[0]}')" if unknown else "")
         )
         raise AdapterFormatError(f"not a LoRA/LyCORIS adapter file: {detail}", path=str(path))
-    return AdapterFile(str(path), metadata, adapters, sorted(unknown), problems, context)
+    return AdapterFile(str(path), metadata, adapters, sorted(unknown), problems, context,
+                       missing_config_notes(adapters, context))
+
+
+def missing_config_notes(adapters: dict[str, Adapter], context: DecodeContext) -> list[str]:
+    """PEFT files keep alpha, rs-LoRA, rank/alpha patterns, OFT's Cayley settings and IA3's
+    feed-forward modules only in adapter_config.json; without it, say in one line what was assumed."""
+    if context.convention != "peft" or context.peft_config is not None:
+        return []
+    algos = {}
+    for adapter in adapters.values():
+        algos.setdefault(adapter.algo, []).append(adapter)
+    assumed = []
+    unscaled = [a for name in ("lora", "loha", "lokr") for a in algos.get(name, []) if a.alpha is None]
+    if unscaled:
+        assumed.append(f"alpha taken as rank (scale 1) on {len(unscaled)} LoRA/LoHa/LoKr layers "
+                       "(lora_alpha, use_rslora, rank/alpha patterns are only in the config)")
+    if "oft" in algos:
+        assumed.append("OFT rotations with PEFT's defaults (Cayley-Neumann series, 5 terms, no COFT)")
+    if "ia3" in algos:
+        assumed.append("IA3 feed-forward layers read from the tensor shapes (a conv with as many inputs as "
+                       "outputs taken as not feed-forward)")
+    if not assumed:
+        return []
+    where = os.path.basename(context.path) if context.path != "<memory>" else "the file"
+    return [f"no adapter_config.json beside {where}: " + "; ".join(assumed) + "; put the config beside it"]
 
 
 def load_adapter_file(path, *, allow_pickle_weights_only: bool = False) -> AdapterFile:
@@ -167,7 +194,10 @@ def load_adapter_file(path, *, allow_pickle_weights_only: bool = False) -> Adapt
 
     path = str(path)
     tensors, metadata = load_tensors(path, allow_pickle_weights_only=allow_pickle_weights_only)
-    return decode_tensors(tensors, metadata, path=path, peft_config=_peft_config_beside(path))
+    adapter_file = decode_tensors(tensors, metadata, path=path, peft_config=_peft_config_beside(path))
+    for note in adapter_file.notes:
+        logging.getLogger(__name__).warning("%s: %s", path, note)
+    return adapter_file
 
 
 def _peft_config_beside(path: str) -> dict | None:

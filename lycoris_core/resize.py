@@ -18,6 +18,7 @@ import torch
 
 from .algos.base import flat
 from .extract import UtilityResult, _measure, _split
+from .keys import join_key
 from .reader import AdapterFile, load_adapter_file
 from .svd import (
     LayerReport, RankRule, choose_rank, error_summary, parse_dtype, pattern_lookup,
@@ -114,11 +115,11 @@ def resize(
             continue
         report.name = report.source = name
         for suffix, tensor in out.items():
-            tensors[f"{name}.{suffix}"] = tensor
+            tensors[join_key(name, suffix)] = tensor
         for suffix, tensor in extra.items():
             if suffix in ("dora_scale", "lora_magnitude_vector"):
                 skipped.append((name, "DoRA magnitude kept as is (the output renormalises the resized delta)"))
-            tensors[f"{name}.{suffix}"] = tensor
+            tensors[join_key(name, suffix)] = tensor
         layers.append(report)
     if progress is not None:
         progress(len(names), len(names))
@@ -150,7 +151,7 @@ def resize(
 
 def _copy(tensors, name, parts):
     for suffix, tensor in parts.items():
-        tensors[f"{name}.{suffix}"] = tensor
+        tensors[join_key(name, suffix)] = tensor
 
 
 def _norm(adapter) -> float:

@@ -63,7 +63,7 @@ def checkpoint_matcher(key_map: dict):
         for module in adapter_file.adapters:
             target = resolve(module, key_map) or index.get(underscore_form(module))
             if target is None or target not in index.values():
-                coverage.unmatched.append(module)
+                coverage.add_unmatched(module)
             else:
                 coverage.matched[module] = target
         return coverage

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import comfy.lora
 
-from ..lycoris_core.keys import DIALECT_PREFIXES, strip_dialect_prefix
+from ..lycoris_core.keys import DIALECT_PREFIXES, PARAMETER_DELTAS, strip_dialect_prefix
 from ..lycoris_core.name_tables import diffusers_targets
 from .layers import logical_weight_shape, module_of
 
@@ -32,6 +32,7 @@ def build_key_map(model=None, clip=None) -> dict:
     if model is not None:
         key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)
         _add_name_tables(key_map, model.model)
+        _add_parameters(key_map, model.model)
     if clip is not None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
     _add_underscore_forms(key_map)
@@ -48,6 +49,17 @@ def _add_name_tables(key_map: dict, base_model) -> None:
             key_map.setdefault(prefix + name, target)
         for prefix in _DIFFUSERS_FLAT:
             key_map.setdefault(prefix + flat, target)
+
+
+def _add_parameters(key_map: dict, base_model) -> None:
+    """Bare parameters adapters change directly (keys.PARAMETER_DELTAS: Wan's `blocks.N.modulation`),
+    which ComfyUI's maps leave out (they list `.weight` keys): the reader names such a module after
+    the parameter, so the parameter's own key is its target."""
+    ends = tuple("." + name for name in PARAMETER_DELTAS.values())
+    for key, _ in base_model.named_parameters():
+        if key.startswith("diffusion_model.") and key.endswith(ends):
+            key_map.setdefault(key, key)
+            key_map.setdefault("lora_unet_" + key[len("diffusion_model."):].replace(".", "_"), key)
 
 
 def _logical_shapes(base_model) -> dict:

@@ -66,7 +66,7 @@ class LoadReport:
         ]
         if self.fit:
             lines.insert(1, self.fit)
-        lines.extend(trainer_notes(adapter_file.metadata, adapter_file.context.peft_config))
+        lines.extend(trainer_notes(adapter_file.metadata, adapter_file.context.peft_config) + adapter_file.notes)
         on_model = sum(1 for v in self.targets.values() if v == "model")
         on_clip = sum(1 for v in self.targets.values() if v == "clip")
         lines.append(f"patched: {on_model} model layers, {on_clip} text-encoder layers")
@@ -173,7 +173,7 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
             if clip is None and is_text_encoder_module(module):
                 report.skipped_text_encoder.append(module)
             else:
-                coverage.unmatched.append(module)
+                coverage.add_unmatched(module)
             continue
         weights, strength, active = sides[side]
         key = target_key(target)
@@ -204,7 +204,7 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
                 report.scheduled += scheduled
                 report.count_bypass(adapter, geometry(layer), quantized)
             elif active:
-                if wants_bypass:
+                if wants_bypass and key.endswith(".weight"):  # a bare parameter (diff_m) has no forward
                     report.not_bypassed.append(key)
                 if quantized is not None:
                     report.merged_quantized[quantized] = report.merged_quantized.get(quantized, 0) + 1

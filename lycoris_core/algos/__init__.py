@@ -5,7 +5,7 @@ Adding a family: one module with an `Adapter` subclass and one line here.
 
 from .base import Adapter, DecodeContext, LayerGeometry
 from .boft import BOFT, PeftBOFT
-from .full import Full, Norm
+from .full import Full, Norm, ParameterDelta
 from .glora import GLoRA
 from .ia3 import IA3, PeftIA3
 from .loha import LoHa
@@ -15,7 +15,8 @@ from .oft import DiagOFT, LegacyOFT, PeftOFT
 from .tlora import TLoRA
 
 FAMILIES: tuple[type[Adapter], ...] = (
-    TLoRA, LoHa, LoKr, DiagOFT, BOFT, LegacyOFT, PeftOFT, PeftBOFT, GLoRA, IA3, PeftIA3, Full, Norm, LoRA,
+    TLoRA, LoHa, LoKr, DiagOFT, BOFT, LegacyOFT, PeftOFT, PeftBOFT, GLoRA, IA3, PeftIA3, ParameterDelta, Full, Norm,
+    LoRA,
 )
 
 # Keys that modify or accompany a family rather than identify one.

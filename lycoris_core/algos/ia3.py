@@ -3,7 +3,9 @@
 LyCORIS (`weight` + `on_input`): W'[o] = W[o] * (1 + m*w[o]) (output mode) or
 W'[:, i] = W[:, i] * (1 + m*w[i]) (input mode); the bias is untouched (its rebuild forward).
 PEFT (`ia3_l`, a full multiplicative vector initialised to ones): W' = W * (1 + m*(l - 1)) and,
-for layers that are not feed-forward, the same on the bias, as PEFT's merge does.
+for layers that are not feed-forward, the same on the bias, as PEFT's merge does. Which side a
+layer scales is in the tensors for Linear layers ((1, in) vs (out, 1)) and for convs with
+in != out channels; only a square conv needs `feedforward_modules` from adapter_config.json.
 """
 
 from __future__ import annotations
@@ -101,11 +103,25 @@ class PeftIA3(Adapter):
         self.require("ia3_l")
 
     def feedforward(self, weight_shape) -> bool:
-        """Input-side scale? Told by the singleton axis, else by the config's feedforward_modules."""
+        """Input-side scale? What the tensors tell first (PEFT stores Linear vectors as (1, in) or
+        (out, 1); a vector whose length fits only one side of the weight), else the config's
+        `feedforward_modules` (needed only for a conv with as many inputs as outputs)."""
+        told = self.orientation_in_tensors(weight_shape[0] if weight_shape else None,
+                                           weight_shape[1] if len(weight_shape) > 1 else None)
+        return self.feedforward_in_config() if told is None else told
+
+    def orientation_in_tensors(self, out_channels=None, in_channels=None) -> bool | None:
+        """True (input side) / False (output side) where the stored vector alone decides, else None."""
         vector = self.tensors["ia3_l"]
-        if vector.dim() == 2 and len(weight_shape) == 2 and weight_shape[0] != weight_shape[1]:
-            return vector.shape[0] == 1 and vector.shape[1] == weight_shape[1]
-        return self.feedforward_in_config()
+        if vector.dim() == 2 and vector.numel() > 1:  # Linear: (1, in) feed-forward, (out, 1) otherwise
+            return vector.shape[0] == 1
+        n = vector.numel()
+        if out_channels is not None and in_channels is not None and out_channels != in_channels:
+            if n in (out_channels, in_channels):
+                return n == in_channels
+        elif out_channels is not None and in_channels is None and n != out_channels:
+            return True  # only the bias is known: a vector that does not fit its outputs is input-side
+        return None
 
     def feedforward_in_config(self) -> bool:
         config = self.context.peft_config or {}
@@ -135,6 +151,7 @@ class PeftIA3(Adapter):
         if bias is None:
             return None
         if feedforward is None:
-            feedforward = self.tensors["ia3_l"].numel() != bias.numel() or self.feedforward_in_config()
+            told = self.orientation_in_tensors(bias.numel())
+            feedforward = self.feedforward_in_config() if told is None else told
         b = bias.to(COMPUTE_DTYPE)
         return b if feedforward else b * self.factor(strength)

@@ -10,6 +10,11 @@ Scale, as the trainer computed it:
   alpha = lora_dim, so gamma = 1 unless metadata (`ss_network_dim`, `conv_dim`) says
   otherwise (rs-LoRA full-matrix files); PEFT trains with alpha / r from its config.
 Strength is linear.
+
+Layout on conv weights: LyCORIS gives w1 a singleton kernel axis for every conv (w1[i, j] scales the
+whole kernel of W2); PEFT does so only when w2 is 4-D, so a full 3-D `lokr_w2` (Conv1d) meets a 2-D
+w1 and `torch.kron` lays the product out as (b, a*d, c*k) before PEFT reshapes it to the weight's
+shape. Files with the PEFT convention are decoded that way (`peft_flat_kron`).
 """
 
 from __future__ import annotations
@@ -103,9 +108,16 @@ class LoKr(Adapter):
         rows, cols = self.tensors["lokr_w2_a"].shape[0], self.tensors["lokr_w2_b"].shape[1]
         return (a[0] * rows, a[1] * cols)
 
+    def peft_flat_kron(self) -> bool:
+        """PEFT's Conv1d product with a full w2: w1 gets no kernel axis (module docstring)."""
+        w2 = self.tensors.get("lokr_w2")
+        return self.context.convention == "peft" and w2 is not None and w2.dim() == 3
+
     def delta(self, weight):
         w1 = self.w1()
         w2 = self.w2(tuple(weight.shape[2:]))
+        if self.peft_flat_kron():
+            return torch.kron((w1 * self.scale).contiguous(), w2.contiguous()).reshape(weight.shape)
         if w2.dim() > 2 or weight.dim() > 2:
             w2 = w2.reshape(w2.shape[0], -1, *weight.shape[2:]) if w2.dim() == 2 else w2
             w1 = w1.reshape(w1.shape + (1,) * (w2.dim() - 2))

@@ -3,6 +3,7 @@ extraction files with a sparse weight residual (`bias_indices`/`bias_values`/`bi
 
 dW = up @ down (flattened), Tucker: up x1 mid x2 down; gamma = alpha / rank.
 Strength is linear: W' = W + m * gamma * dW (DoRA: see base.weight_decompose).
+A `diff_b` beside the factors (lightx2v/Wan distillation files) is a plain bias delta: b' = b + m * diff_b.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ UP, DOWN, MID = "lora_up.weight", "lora_down.weight", "lora_mid.weight"
 
 class LoRA(Adapter):
     algo = "lora"
-    suffixes = (UP, DOWN, MID, "lora_up.bias", "lora_magnitude_vector", "bias_indices", "bias_values", "bias_size")
+    suffixes = (UP, DOWN, MID, "lora_up.bias", "lora_magnitude_vector", "bias_indices", "bias_values", "bias_size",
+                "diff_b")
 
     @classmethod
     def detect(cls, tensors):
@@ -87,15 +89,22 @@ class LoRA(Adapter):
         return dense.reshape(shape)
 
     def changes_bias(self):
-        return "lora_up.bias" in self.tensors
+        return "lora_up.bias" in self.tensors or "diff_b" in self.tensors
 
     def bias_delta(self, bias):
-        # PEFT lora_bias=True: b' = b + s * lora_B.bias
-        extra = self.t("lora_up.bias")
-        return None if extra is None else extra * self.scale
+        # PEFT lora_bias=True: b' = b + s * lora_B.bias; lightx2v/Wan files add a plain `diff_b`
+        # beside lora_up/lora_down (a full bias delta, not scaled by alpha)
+        extra, diff = self.t("lora_up.bias"), self.t("diff_b")
+        delta = None if extra is None else extra * self.scale
+        if diff is not None:
+            if bias is not None and diff.numel() != bias.numel():
+                raise self.error(f"expected {bias.numel()} values (the layer's bias), found {diff.numel()}", "diff_b")
+            diff = diff.reshape(-1) if bias is None else diff.reshape(bias.shape)
+            delta = diff if delta is None else delta + diff
+        return delta
 
     def bypass(self, x, y, weight, bias, geometry, strength=1.0, *, token=None, input_applied=False):
-        plain = not any(k in self.tensors for k in ("dora_scale", "lora_magnitude_vector", "lora_up.bias"))
+        plain = not any(k in self.tensors for k in ("dora_scale", "lora_magnitude_vector", "lora_up.bias", "diff_b"))
         if geometry.linear and plain and "bias_indices" not in self.tensors:
             # y + m*gamma * up(down(x)) in one fused pass, into y's own storage when it is contiguous
             down, up = flat(self.t(DOWN)).to(x.dtype), flat(self.t(UP)).to(x.dtype)

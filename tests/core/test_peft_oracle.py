@@ -39,6 +39,20 @@ ALL = ["lin", "lin_nobias", "sq", "conv3", "conv1"]
 WITH_BIAS = ["lin", "sq", "conv3", "conv1"]
 
 
+class PeftConv1dTiny(nn.Module):
+    """Conv1d layers (audio / video-time models) beside a Conv2d control: PEFT builds LoKr's
+    Kronecker product on a full 3-D `lokr_w2` without a kernel axis on w1."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1d_k3 = nn.Conv1d(16, 32, 3, padding=1)
+        self.c1d_k1 = nn.Conv1d(32, 48, 1)
+        self.c2d_k3 = nn.Conv2d(16, 32, 3, padding=1)
+
+
+CONV1D = ["c1d_k3", "c1d_k1", "c2d_k3"]
+
+
 def _cases():
     from peft import BOFTConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
 
@@ -81,6 +95,22 @@ def _cases():
 CASES = _cases()
 
 
+def _conv1d_cases():
+    from peft import LoKrConfig
+
+    return {
+        # r >= half of every factor: lokr_w2 is stored full, (b, d, k) on Conv1d
+        "lokr_conv1d_full_w2": lambda: LoKrConfig(r=8, alpha=4, target_modules=CONV1D),
+        "lokr_conv1d_full_w2_factor4": lambda: LoKrConfig(r=4, alpha=3, decompose_factor=4, target_modules=CONV1D),
+        # control: w2 as w2_a @ w2_b (the Tucker form on Conv1d is left out: PEFT 0.21.2's own
+        # merge fails on it in torch.kron, "view size is not compatible")
+        "lokr_conv1d_decomposed": lambda: LoKrConfig(r=1, alpha=2, target_modules=CONV1D),
+    }
+
+
+CONV1D_CASES = _conv1d_cases()
+
+
 class PeftCase:
     def __init__(self, directory, base_sd, reference_sd, adapter_path, config):
         self.directory = directory
@@ -94,13 +124,13 @@ def _build(case_id: str, directory) -> PeftCase:
     from peft import get_peft_model
 
     torch.manual_seed(11)
-    model = PeftTiny()
+    model = PeftConv1dTiny() if case_id in CONV1D_CASES else PeftTiny()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.2)
     base_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    peft_model = get_peft_model(copy.deepcopy(model), CASES[case_id]())
+    peft_model = get_peft_model(copy.deepcopy(model), {**CASES, **CONV1D_CASES}[case_id]())
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -162,6 +192,28 @@ def test_peft_file_matches_merge_and_unload(peft_case, case_id):
     _check(pc, adapter_file, expect_changed_bias=case_id in ("lora_bias", "ia3", "ia3_feedforward"))
 
 
+@pytest.mark.parametrize("case_id", list(CONV1D_CASES))
+def test_peft_lokr_conv1d_matches_merge_and_unload(peft_case, case_id):
+    """LoKr on Conv1d, each way PEFT stores w2; the full 3-D w2 is the case LyCORIS' layout gets wrong."""
+    pc = peft_case(case_id)
+    adapter_file = load_adapter_file(pc.adapter_path)
+    assert adapter_file.unknown_keys == [] and adapter_file.problems == []
+    w2 = {n: a.tensors.get("lokr_w2") for n, a in adapter_file.adapters.items()}
+    if case_id.startswith("lokr_conv1d_full_w2"):
+        assert w2["base_model.model.c1d_k3"] is not None and w2["base_model.model.c1d_k3"].dim() == 3
+    _check(pc, adapter_file, expect_changed_bias=False)
+    # bypass (the adapter beside the layer) against the conv run with PEFT's merged weight
+    from lycoris_core.algos.base import LayerGeometry
+
+    x = torch.randn(2, 16, 9, generator=torch.Generator().manual_seed(3))
+    base_w, base_b = pc.base_sd["c1d_k3.weight"], pc.base_sd["c1d_k3.bias"]
+    geometry = LayerGeometry(1, (3,), (1,), (1,), (1,), 1, tuple(base_w.shape))
+    y = torch.nn.functional.conv1d(x, base_w, base_b, padding=1)
+    ours = adapter_file.adapters["base_model.model.c1d_k3"].bypass(x, y.clone(), base_w, base_b, geometry)
+    ref = torch.nn.functional.conv1d(x, pc.reference_sd["c1d_k3.weight"], base_b, padding=1)
+    assert _rel(ours, ref, y) <= TOL
+
+
 @pytest.mark.parametrize("case_id", ["lora", "lora_rslora_patterns", "lora_dora", "loha_patterns",
                                      "lokr_both_full", "ia3_feedforward"])
 def test_diffusers_style_file(peft_case, tmp_path, case_id):
@@ -189,6 +241,45 @@ def test_peft_scale_needs_the_config(peft_case, tmp_path):
     save_file(load_file(pc.adapter_path), str(lone))
     without = load_adapter_file(lone)
     assert without.adapters["base_model.model.lin"].scale == pytest.approx(1.0)
+
+
+def _without_config(pc: PeftCase, directory) -> str:
+    """The adapter file alone, as it lands in models/loras."""
+    lone = os.path.join(str(directory), "adapter_model.safetensors")
+    save_file(load_file(pc.adapter_path), lone)
+    return lone
+
+
+def test_peft_ia3_orientation_without_the_config(peft_case, tmp_path):
+    """IA3's feed-forward side is in the tensors wherever they can tell: Linear vectors are (1, in)
+    or (out, 1), square or not, and a conv vector's length fits one side when in != out. Here
+    lin, sq and conv3 (16 -> 32) are feed-forward, conv1 and lin_nobias are not."""
+    pc = peft_case("ia3_feedforward")
+    adapter_file = load_adapter_file(_without_config(pc, tmp_path))
+    assert adapter_file.context.peft_config is None
+    _check(pc, adapter_file, expect_changed_bias=True)
+
+
+def test_peft_missing_config_is_said(peft_case, tmp_path, caplog, capsys):
+    """Report note, log warning and `inspect` all say the config is missing and what was assumed."""
+    from lycoris_core.cli import main
+    from lycoris_core.inspection import format_summary, summarize
+
+    pc = peft_case("lora_alpha_ne_r")
+    assert load_adapter_file(pc.adapter_path).notes == []
+    lone = _without_config(pc, tmp_path)
+    with caplog.at_level("WARNING"):
+        adapter_file = load_adapter_file(lone)
+    (note,) = adapter_file.notes
+    assert note.startswith("no adapter_config.json beside adapter_model.safetensors: alpha taken as rank (scale 1)")
+    assert note.endswith("put the config beside it")
+    assert any(note in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    assert note in format_summary(summarize(adapter_file))
+    assert main(["inspect", lone]) == 0
+    assert note in capsys.readouterr().out
+    (tmp_path / "ia3").mkdir()
+    ia3 = load_adapter_file(_without_config(peft_case("ia3"), tmp_path / "ia3"))
+    assert "IA3 feed-forward layers read from the tensor shapes" in ia3.notes[0] and "alpha" not in ia3.notes[0]
 
 
 def test_peft_strength_is_linear_for_lora(peft_case):

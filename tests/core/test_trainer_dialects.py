@@ -111,3 +111,80 @@ def test_command_line_matching_knows_diffusers_names_of_whole_weights():
     coverage = match_generic(decode_tensors(sliced, path="hv.safetensors"), hunyuan)
     assert coverage.matched == {"transformer.single_transformer_blocks.0.proj_out": "single_blocks.0.linear2.weight"}
     assert coverage.unmatched == ["transformer.single_transformer_blocks.0.attn.to_q"]
+
+
+def test_wan_distillation_keys_merge_into_a_generic_state_dict():
+    """lightx2v/Wan 2.1 I2V distillation keys on a Wan T2V state dict (the command line's generic
+    matching): `diff_m` changes the block's and the head's `modulation` parameter, `diff_b` beside
+    LoRA factors the layer's bias, `diff` a norm's weight; the I2V-only layers are "not in this
+    model", not unmatched."""
+    from lycoris_core import merge_into_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    dim, rank = 8, 2
+    base = {"blocks.0.modulation": torch.randn(1, 6, dim, generator=g),
+            "blocks.0.self_attn.q.weight": torch.randn(dim, dim, generator=g),
+            "blocks.0.self_attn.q.bias": torch.randn(dim, generator=g),
+            "blocks.0.cross_attn.norm_k.weight": torch.randn(dim, generator=g),
+            "head.modulation": torch.randn(1, 2, dim, generator=g),
+            "head.head.weight": torch.randn(4, dim, generator=g),
+            "head.head.bias": torch.randn(4, generator=g)}
+    t = {name: torch.randn(shape, generator=g) * 0.1 for name, shape in {
+        "diffusion_model.blocks.0.diff_m": (1, 6, dim),
+        "diffusion_model.blocks.0.self_attn.q.lora_down.weight": (rank, dim),
+        "diffusion_model.blocks.0.self_attn.q.lora_up.weight": (dim, rank),
+        "diffusion_model.blocks.0.self_attn.q.diff_b": (dim,),
+        "diffusion_model.blocks.0.cross_attn.norm_k.diff": (dim,),
+        "diffusion_model.blocks.0.cross_attn.k_img.lora_down.weight": (rank, dim),
+        "diffusion_model.blocks.0.cross_attn.k_img.lora_up.weight": (dim, rank),
+        "diffusion_model.blocks.0.cross_attn.k_img.diff_b": (dim,),
+        "diffusion_model.blocks.0.cross_attn.norm_k_img.diff": (dim,),
+        "diffusion_model.img_emb.proj.1.diff_b": (dim,),
+        "diffusion_model.head.diff_m": (1, 2, dim),
+        "diffusion_model.head.head.diff_b": (4,),
+    }.items()}
+    adapter_file = decode_tensors(t)
+    assert adapter_file.unknown_keys == [] and adapter_file.problems == []
+    merged, (coverage,) = merge_into_state_dict(base, [(adapter_file, 0.5)])
+    assert coverage.unmatched == [] and coverage.problems == []
+    assert sorted(line.split(" ")[0] for line in coverage.absent) == [
+        "diffusion_model.blocks.0.cross_attn.k_img", "diffusion_model.blocks.0.cross_attn.norm_k_img",
+        "diffusion_model.img_emb.proj.1"]
+    assert any("not in this model (I2V-only" in line for line in coverage.lines())
+    p = "diffusion_model."
+    expected = {
+        "blocks.0.modulation": base["blocks.0.modulation"] + 0.5 * t[p + "blocks.0.diff_m"],
+        "blocks.0.self_attn.q.weight": base["blocks.0.self_attn.q.weight"]
+        + 0.5 * t[p + "blocks.0.self_attn.q.lora_up.weight"] @ t[p + "blocks.0.self_attn.q.lora_down.weight"],
+        "blocks.0.self_attn.q.bias": base["blocks.0.self_attn.q.bias"] + 0.5 * t[p + "blocks.0.self_attn.q.diff_b"],
+        "blocks.0.cross_attn.norm_k.weight": base["blocks.0.cross_attn.norm_k.weight"]
+        + 0.5 * t[p + "blocks.0.cross_attn.norm_k.diff"],
+        "head.modulation": base["head.modulation"] + 0.5 * t[p + "head.diff_m"],
+        "head.head.weight": base["head.head.weight"],  # a bias delta alone leaves the weight as it is
+        "head.head.bias": base["head.head.bias"] + 0.5 * t[p + "head.head.diff_b"],
+    }
+    for key, want in expected.items():
+        torch.testing.assert_close(merged[key], want, rtol=1e-6, atol=1e-6, msg=key)
+
+
+def test_wan_distillation_keys_survive_combine_with_their_names():
+    """Combine writes `diff_m` back under its own key (`blocks.N.diff_m`) scaled by the input's weight,
+    and keeps a LoRA's `diff_b` (the exact path copies it; weighted, the layer is materialised with it)."""
+    from lycoris_core.combine import combine
+
+    g = torch.Generator().manual_seed(1)
+    t = {"diffusion_model.blocks.0.diff_m": torch.randn(1, 6, 8, generator=g),
+         "diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.randn(2, 8, generator=g),
+         "diffusion_model.blocks.0.ffn.0.lora_up.weight": torch.randn(8, 2, generator=g),
+         "diffusion_model.blocks.0.ffn.0.diff_b": torch.randn(8, generator=g)}
+    source = decode_tensors(t)
+    for weight in (1.0, 0.5):
+        result = combine([(source, weight)], dtype="fp32")
+        again = decode_tensors(result.tensors)
+        assert "diffusion_model.blocks.0.diff_m" in result.tensors and again.unknown_keys == []
+        torch.testing.assert_close(again.adapters["diffusion_model.blocks.0.modulation"].t("diff_m"),
+                                   weight * t["diffusion_model.blocks.0.diff_m"])
+        ffn = again.adapters["diffusion_model.blocks.0.ffn.0"]
+        torch.testing.assert_close(ffn.bias_delta(torch.zeros(8)), weight * t["diffusion_model.blocks.0.ffn.0.diff_b"])
+        up, down = t["diffusion_model.blocks.0.ffn.0.lora_up.weight"], t["diffusion_model.blocks.0.ffn.0.lora_down.weight"]
+        torch.testing.assert_close(ffn.patch(torch.zeros(8, 8))[0], weight * up @ down, rtol=1e-5, atol=1e-6)

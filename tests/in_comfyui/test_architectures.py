@@ -151,3 +151,135 @@ def test_every_algorithm_lands_on_its_slice_of_a_fused_weight(pack, tmp_path):
         expected, _ = adapters["lycoris_single_transformer_blocks_0_proj_mlp"].patch(base[linear1][mlp_rows], strength)
         torch.testing.assert_close(patched[linear1][mlp_rows], expected, rtol=1e-5, atol=1e-6)
         assert torch.equal(patched[linear1][: 3 * 256], base[linear1][: 3 * 256])  # the qkv part untouched
+
+
+# A Wan 2.1 small enough for the CPU, in ComfyUI's own WanModel (dim // num_heads = 128 as in the releases).
+TINY_WAN = {"image_model": "wan2.1", "dim": 128, "ffn_dim": 256, "num_heads": 1, "num_layers": 2, "in_dim": 16,
+            "out_dim": 16, "text_len": 8, "text_dim": 32, "freq_dim": 256, "patch_size": (1, 2, 2),
+            "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6}
+
+
+def _tiny_wan(variant: str):
+    """A ModelPatcher around ComfyUI's WAN21 with TINY_WAN: "t2v" or "i2v" (k_img/v_img/img_emb)."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    config = (sm.WAN21_I2V(dict(TINY_WAN, model_type="i2v", in_dim=36)) if variant == "i2v"
+              else sm.WAN21_T2V(dict(TINY_WAN, model_type="t2v")))
+    model = config.get_model({})
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def _lightx2v_style_file(path, i2v_weights: dict, rank: int = 4):
+    """The key set of lightx2v's Wan 2.1 I2V distillation LoRAs, made for `i2v_weights`: LoRA
+    (`lora_down`/`lora_up`/`alpha`) with a `diff_b` bias delta on every Linear, `diff` on the norms,
+    `diff_m` on each block's and the head's `modulation`. Returns the expected delta per model key."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    tensors, expected = {}, {}
+    for key, weight in i2v_weights.items():
+        name = key[: -len(".weight")] if key.endswith(".weight") else key
+        if key.endswith(".modulation"):
+            delta = torch.randn(weight.shape, generator=g) * 0.05
+            tensors[name[: -len(".modulation")] + ".diff_m"] = delta
+            expected[key] = delta
+        elif key.endswith(".weight") and weight.dim() == 2 and ".blocks." in key or key in (
+                "diffusion_model.head.head.weight", "diffusion_model.img_emb.proj.1.weight"):
+            down = torch.randn(rank, weight.shape[1], generator=g) * 0.1
+            up = torch.randn(weight.shape[0], rank, generator=g) * 0.1
+            tensors.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                            f"{name}.alpha": torch.tensor(2.0)})
+            expected[key] = (2.0 / rank) * up @ down
+            bias = torch.randn(weight.shape[0], generator=g) * 0.05
+            tensors[f"{name}.diff_b"] = bias
+            expected[f"{name}.bias"] = bias
+        elif key.endswith(".weight") and weight.dim() == 1 and "norm_" in key:
+            delta = torch.randn(weight.shape, generator=g) * 0.05
+            tensors[f"{name}.diff"] = delta
+            expected[key] = delta
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return expected
+
+
+def _wan_runtime() -> bool:
+    import comfy.supported_models as sm
+
+    return hasattr(sm, "WAN21_T2V")
+
+
+@pytest.mark.parametrize("variant", ["t2v", "i2v"])
+def test_wan_distillation_file_applies_modulation_and_bias_deltas(pack, tmp_path, variant):
+    """A lightx2v-style Wan 2.1 I2V file: every `diff_m`, `diff_b` and `diff` lands as ComfyUI computes
+    it; on a T2V model the I2V-only layers are "not in this model", not failures. Runtimes without
+    Wan (the pinned 2024 one) give the clear "is it for another base model?" error instead."""
+    from lycoris_pack.lycoris_core import AdapterFormatError, load_adapter_file
+    from lycoris_pack.nodes.patching import apply_adapter_file
+    from tiny_models import patched_state_dict, tiny_sd15
+
+    path = tmp_path / "wan21_i2v_lightx2v_style.safetensors"
+    if not _wan_runtime():
+        from safetensors.torch import save_file
+
+        save_file({"diffusion_model.blocks.0.diff_m": torch.zeros(1, 6, 128),
+                   "diffusion_model.blocks.0.cross_attn.k_img.lora_down.weight": torch.zeros(4, 128),
+                   "diffusion_model.blocks.0.cross_attn.k_img.lora_up.weight": torch.zeros(128, 4)}, str(path))
+        with pytest.raises(AdapterFormatError, match="is it for another base model"):
+            apply_adapter_file(tiny_sd15(), None, load_adapter_file(path), 1.0, 0.0)
+        return
+    i2v_weights = {k: v.clone() for k, v in _tiny_wan("i2v").model.state_dict().items()}
+    expected = _lightx2v_style_file(path, i2v_weights)
+    adapter_file = load_adapter_file(path)
+    assert adapter_file.unknown_keys == [] and adapter_file.problems == []
+    patcher = _tiny_wan(variant)
+    base = {k: v.clone() for k, v in patcher.model.state_dict().items()}
+    strength = 0.7
+    patched, _, report = apply_adapter_file(patcher, None, adapter_file, strength, 0.0, "merge")
+    coverage = report.coverage
+    assert coverage.unmatched == [] and coverage.problems == [] and coverage.duplicates == []
+    img_only = [k for k in expected if any(p in k for p in ("k_img", "v_img", "norm_k_img", "img_emb"))]
+    assert img_only
+    if variant == "t2v":
+        assert len(coverage.absent) == len({k.rsplit(".", 1)[0] for k in img_only})
+        assert all("I2V-only" in line for line in coverage.absent)
+        assert "not in this model (I2V-only / other variant" in report.text(adapter_file, "0.7")
+    else:
+        assert coverage.absent == []
+    weights = patched_state_dict(patched)
+    modulation = [k for k in expected if k.endswith(".modulation")]
+    assert len(modulation) == TINY_WAN["num_layers"] + 1  # every block's and the head's
+    checked = 0
+    for key, delta in expected.items():
+        if key not in base:
+            assert variant == "t2v" and key in img_only
+            continue
+        want = base[key] + strength * delta.reshape(base[key].shape)
+        torch.testing.assert_close(weights[key], want, rtol=1e-5, atol=1e-6, msg=key)
+        checked += 1
+    assert checked == len(expected) - (len(img_only) if variant == "t2v" else 0)
+    untouched = [k for k in base if k not in expected and not torch.equal(weights[k], base[k])]
+    assert untouched == []
+
+    # bypass: the LoRAs run beside their layers, the modulation deltas are merged; same output
+    bypassed, _, bypass_report = apply_adapter_file(patcher, None, adapter_file, strength, 0.0, "bypass")
+    assert bypass_report.bypassed > 0
+    # norm layers are merged and said so; a bare parameter has no forward to bypass and is not listed
+    assert bypass_report.not_bypassed and all(".norm_" in k for k in bypass_report.not_bypassed)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, TINY_WAN["in_dim"] if variant == "t2v" else 36, 1, 4, 4, generator=g)
+    context = torch.randn(1, TINY_WAN["text_len"], TINY_WAN["text_dim"], generator=g)
+    kwargs = {"clip_fea": torch.randn(1, 257, 1280, generator=g)} if variant == "i2v" else {}
+    outputs = []
+    for model in (patched, bypassed, patcher):
+        model.patch_model()
+        try:
+            with torch.no_grad():
+                outputs.append(model.model.diffusion_model(x, torch.tensor([500.0]), context, **kwargs))
+        finally:
+            model.unpatch_model()
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(outputs[0], outputs[2], atol=1e-4)

@@ -410,3 +410,33 @@ def test_the_file_input_is_lora_name_and_the_old_name_still_loads(pack, tmp_path
     assert rename_legacy_inputs({"3": {"class_type": "LycorisLoaderModelOnly",
                                        "inputs": {"lora_name": "new", "lycoris_name": "old"}}}
                                 )["3"]["inputs"] == {"lora_name": "new"}
+
+
+def test_peft_file_without_its_config_says_so(pack, tmp_path):
+    """A PEFT file as it usually lands in models/loras (no adapter_config.json): the loader's report
+    says alpha was taken as rank; with the config beside it, the scale is lora_alpha / r and no note."""
+    import json
+
+    from safetensors.torch import save_file
+
+    _loras(tmp_path, pack)
+    model = tiny_sd15()
+    key = "diffusion_model.input_blocks.1.1.proj_in.weight"
+    weight = model.model.state_dict()[key]
+    out_features, in_features = weight.shape[:2]
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(4, in_features, generator=g), torch.randn(out_features, 4, generator=g)
+    tensors = {"base_model.model.input_blocks.1.1.proj_in.lora_A.weight": down.reshape(4, in_features, 1, 1),
+               "base_model.model.input_blocks.1.1.proj_in.lora_B.weight": up.reshape(out_features, 4, 1, 1)}
+    for folder in ("alone", "with_config"):
+        (tmp_path / folder).mkdir()
+        save_file(tensors, str(tmp_path / folder / "adapter_model.safetensors"))
+    (tmp_path / "with_config" / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 2, "target_modules": ["proj_in"]}))
+    delta = (up @ down).reshape(weight.shape)
+    for folder, scale in (("alone", 1.0), ("with_config", 0.5)):
+        patched, _, report = _load(pack, model, None, f"{folder}/adapter_model.safetensors", 1.0, 0.0)
+        said = "no adapter_config.json beside adapter_model.safetensors: alpha taken as rank (scale 1)" in report
+        assert said == (folder == "alone"), report
+        got = patched_state_dict(patched)[key]
+        torch.testing.assert_close(got, weight + scale * delta, rtol=1e-5, atol=1e-5)

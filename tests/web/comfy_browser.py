@@ -36,7 +36,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-dev-shm-usage"]
 VIEWPORT = {"width": 1600, "height": 1000}
 NO_VUE_NODES = "the March-2024 front-end (pinned runtime) has no Vue node rendering (Nodes 2.0)"
-EXTENSIONS = ("lycoris.BlockWeightEditor", "lycoris.AdapterInfo", "lycoris.Report", "lycoris.ExampleFiles")
+EXTENSIONS = ("lycorisnodepack.BlockWeightEditor", "lycorisnodepack.AdapterInfo", "lycorisnodepack.Report",
+              "lycorisnodepack.ExampleFiles")
 VUE_NODES_SETTING = "Comfy.VueNodes.Enabled"  # comfyui-frontend-package's "Modern Node Design (Nodes 2.0)"
 INSTALL_HINT = ("run scripts/setup_env.sh (it installs Debian's chromium with apt-get and Playwright from "
                 "tests/requirements-web.txt)")

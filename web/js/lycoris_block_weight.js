@@ -306,7 +306,7 @@ class BlockWeightEditor {
 }
 
 app.registerExtension({
-	name: "lycoris.BlockWeightEditor",
+	name: "lycorisnodepack.BlockWeightEditor",
 	async nodeCreated(node) {
 		if (node.comfyClass !== NODE_CLASS) return;
 		addStyles();

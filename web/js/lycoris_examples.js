@@ -14,7 +14,7 @@ export function fallbackFile(value, listed) {
 }
 
 app.registerExtension({
-	name: "lycoris.ExampleFiles",
+	name: "lycorisnodepack.ExampleFiles",
 	loadedGraphNode(node) {
 		const files = node.properties?.lycoris_example_files;
 		if (!Array.isArray(files)) return;

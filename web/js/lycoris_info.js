@@ -117,7 +117,7 @@ function addInfoPanel(node) {
 }
 
 app.registerExtension({
-	name: "lycoris.AdapterInfo",
+	name: "lycorisnodepack.AdapterInfo",
 	async nodeCreated(node) {
 		if (!LOADERS.has(node.comfyClass)) return;
 		addStyles();

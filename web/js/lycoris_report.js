@@ -78,7 +78,7 @@ function addReportPanel(node) {
 }
 
 app.registerExtension({
-	name: "lycoris.Report",
+	name: "lycorisnodepack.Report",
 	async nodeCreated(node) {
 		if (!REPORT_NODES.has(node.comfyClass)) return;
 		addReportStyles();
