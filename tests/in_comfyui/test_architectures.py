@@ -216,7 +216,7 @@ def _wan_runtime() -> bool:
 def test_wan_distillation_file_applies_modulation_and_bias_deltas(pack, tmp_path, variant):
     """A lightx2v-style Wan 2.1 I2V file: every `diff_m`, `diff_b` and `diff` lands as ComfyUI computes
     it; on a T2V model the I2V-only layers are "not in this model", not failures. Runtimes without
-    Wan (the pinned 2024 one) give the clear "is it for another base model?" error instead."""
+    Wan (the pinned 2024 one) say instead that nothing matches: "a Wan adapter on an SD1.5 model"."""
     from lycoris_pack.lycoris_core import AdapterFormatError, load_adapter_file
     from lycoris_pack.nodes.patching import apply_adapter_file
     from tiny_models import patched_state_dict, tiny_sd15
@@ -228,7 +228,8 @@ def test_wan_distillation_file_applies_modulation_and_bias_deltas(pack, tmp_path
         save_file({"diffusion_model.blocks.0.diff_m": torch.zeros(1, 6, 128),
                    "diffusion_model.blocks.0.cross_attn.k_img.lora_down.weight": torch.zeros(4, 128),
                    "diffusion_model.blocks.0.cross_attn.k_img.lora_up.weight": torch.zeros(128, 4)}, str(path))
-        with pytest.raises(AdapterFormatError, match="is it for another base model"):
+        with pytest.raises(AdapterFormatError, match="nothing in this file matches the connected model: "
+                                                     "this looks like a Wan adapter"):
             apply_adapter_file(tiny_sd15(), None, load_adapter_file(path), 1.0, 0.0)
         return
     i2v_weights = {k: v.clone() for k, v in _tiny_wan("i2v").model.state_dict().items()}
