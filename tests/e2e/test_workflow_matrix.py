@@ -9,9 +9,10 @@ and that merged UNet goes through the same workflow without an adapter. Before m
 trainer's merge is checked against the trainer's wrapped forward on the same weights.
 
 error = |ours - reference| / |reference - base|: relative to the adapter's effect (base: the same
-workflow on the same weights without an adapter). Float-exact cells must stay under 1e-4. Merge
-into fp8-stored weights (UNETLoader's fp8 weight_dtype, a comfy_quant file) is requantized by
-ComfyUI, so there the report must warn instead; elsewhere on quantized storage the compute floor
+workflow on the same weights without an adapter). Float-exact cells must stay under 1e-4. A merge
+into fp8-stored weights (UNETLoader's fp8 weight_dtype, the quantized layers of a comfy_quant file)
+is requantized by ComfyUI: there the report must warn (on fp8 storage every merge touches such
+weights) and the error is only recorded; elsewhere on quantized storage the compute floor
 (the quantized base against its dequantised twin, relative to the adapter's effect) is allowed
 twice on top of 1e-4, as in tests/in_comfyui/test_quantized.py.
 
@@ -62,6 +63,10 @@ ALGOS = {  # name -> (modules lycoris-lora adapts, create_lycoris arguments)
     "full": (LINEAR, {"algo": "full"}),
     "norm": (NORMS, {"algo": "lora", "train_norm": True}),
 }
+# Cells the pack gets wrong today (reported, not fixed here): each must still carry the report's
+# warning, and starts failing as soon as it is exact, so that its entry goes. Norm adapters are
+# always merged, even in auto/bypass, and an fp8-stored norm weight is requantized by that merge.
+KNOWN_WRONG = {("fp8", "norm", "auto"): "cannot be bypassed", ("fp8", "norm", "bypass"): "cannot be bypassed"}
 FIGURES: dict = {}  # (storage, algo, column) -> error, printed at the end of the module
 TIMEOUT = 300
 
@@ -403,10 +408,17 @@ def test_matrix(matrix_models, matrix_server, fp8_server, storage):
             FIGURES[(storage, algo, mode)] = error = _rel(y, y_ref, base)
             if "0 unmatched" not in report and "unmatched" in report:
                 failures.append(f"{storage} {algo} {mode}: modules unmatched\n{report}")
-            if mode == "merge" and storage in ("fp8", "comfy_quant"):  # ComfyUI requantizes the merged weight
-                if "merged into quantized weights" not in report:
-                    failures.append(f"{storage} {algo} merge: no requantization warning\n{report}")
+            requantized = "merged into quantized weights" in report  # ComfyUI requantizes the merged weight
+            if mode == "merge" and storage == "fp8" and not requantized:  # every layer is fp8-stored
+                failures.append(f"{storage} {algo} merge: no requantization warning\n{report}")
+            if (storage, algo, mode) in KNOWN_WRONG:
+                if KNOWN_WRONG[(storage, algo, mode)] not in report:
+                    failures.append(f"{storage} {algo} {mode}: known wrong, and the report no longer says why\n{report}")
+                if error <= tolerance:
+                    failures.append(f"{storage} {algo} {mode}: now exact ({error:.2e}): remove it from KNOWN_WRONG")
                 continue
+            if mode == "merge" and requantized and storage in ("fp8", "comfy_quant"):
+                continue  # warned: a requantized merge is as exact as the storage's steps allow
             if error > tolerance:
                 failures.append(f"{storage} {algo} {mode}: error {error:.2e} > {tolerance:.2e}\n{report}")
     assert not failures, "\n\n".join(failures)
