@@ -20,6 +20,7 @@ from ..lycoris_core.fit import MODEL_CONFIG_FAMILIES, cause, model_family, short
 from ..lycoris_core.matching import Coverage, TargetClaims, duplicate_line
 from ..lycoris_core.reader import trainer_notes
 from .bypass import add_bypass
+from .cast_patches import add_cast_patches, casts_in_forward
 from .call_state import CallState, ScheduledStrength, check_schedule_runtime, publish_calls
 from .key_map import build_key_map, is_text_encoder_module, resolve, target_key
 from .layers import geometry, is_weight_layer, logical_weight_shape, module_of, precision, stored_format
@@ -161,6 +162,7 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
     # side -> strength handed to add_patches -> {patch key: value}
     patches: dict[str, dict[float, dict]] = {"model": {}, "clip": {}}
     bypassed: dict[str, list] = {"model": [], "clip": []}  # (module path, adapter, strength, offset)
+    cast_patched: dict[str, list] = {"model": [], "clip": []}  # (norm layer path, adapter, strength)
     roots = {side: _patcher(owner).model for side, owner in (("model", model), ("clip", clip)) if owner is not None}
     claims = TargetClaims()
 
@@ -198,7 +200,12 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
             quantized = stored_format(layer) if layer is not None else None
             scheduled = state is not None and side == "model"
             wants_bypass = active and (scheduled or mode == "bypass" or (mode == "auto" and quantized is not None))
-            if wants_bypass and reorder is None and _bypassable(layer, adapter):
+            norm_beside = adapter.algo == "norm" and not scheduled and casts_in_forward(layer)
+            if wants_bypass and norm_beside and reorder is None:
+                # a norm layer's adapter: applied by the layer's own cast, as bypass keeps Linear/Conv
+                cast_patched[side].append((key[: -len(".weight")], adapter, strength))
+                report.count_bypass(adapter, geometry(layer), quantized)
+            elif wants_bypass and reorder is None and _bypassable(layer, adapter):
                 value = ScheduledStrength(strength, schedule, state) if scheduled else strength
                 bypassed[side].append((key[: -len(".weight")], adapter, value, offset))
                 report.scheduled += scheduled
@@ -255,6 +262,8 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
                 target_obj.add_patches(group, strength)
         if bypassed[side]:
             add_bypass(_patcher(target_obj), bypassed[side])
+        if cast_patched[side]:
+            add_cast_patches(_patcher(target_obj), cast_patched[side])
     for line in report.warnings():
         logging.warning("LyCORIS %s: %s", adapter_file.name, line)
     if any(adapter.algo == "tlora" for _, adapter, _, _ in bypassed["model"]):

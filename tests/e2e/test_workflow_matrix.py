@@ -63,10 +63,10 @@ ALGOS = {  # name -> (modules lycoris-lora adapts, create_lycoris arguments)
     "full": (LINEAR, {"algo": "full"}),
     "norm": (NORMS, {"algo": "lora", "train_norm": True}),
 }
-# Cells the pack gets wrong today (reported, not fixed here): each must still carry the report's
-# warning, and starts failing as soon as it is exact, so that its entry goes. Norm adapters are
-# always merged, even in auto/bypass, and an fp8-stored norm weight is requantized by that merge.
-KNOWN_WRONG = {("fp8", "norm", "auto"): "cannot be bypassed", ("fp8", "norm", "bypass"): "cannot be bypassed"}
+# Cells the pack gets wrong today, each with the report's words that say so: such a cell must keep
+# saying it, and fails as soon as it is exact, so that its entry goes. (Norm adapters on fp8-stored
+# norm layers were here until they ran in the layers' own casts, nodes/cast_patches.py.)
+KNOWN_WRONG: dict = {}
 FIGURES: dict = {}  # (storage, algo, column) -> error, printed at the end of the module
 TIMEOUT = 300
 

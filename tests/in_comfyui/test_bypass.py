@@ -162,8 +162,10 @@ def test_tlora_bypass_publishes_the_sampling_timestep(pack, tmp_path):
     assert "model_function_wrapper" not in model.model_options  # the input model is untouched
 
 
-def test_a_layer_bypass_cannot_serve_is_reported_not_silently_merged(pack, tmp_path):
-    """A norm-layer adapter has no forward-side form: bypass merges it, and says so."""
+def test_a_norm_adapter_runs_in_the_layers_own_cast(pack, tmp_path):
+    """A norm-layer adapter has no forward of its own to wrap: in bypass it is applied by the norm
+    layer's own cast (its weight and bias functions), never merged into the stored weight, and the
+    output equals the merge's. An fp8-stored norm weight thus keeps the whole change."""
     _loras(tmp_path)
     model = tiny_sd15()
     from safetensors.torch import save_file
@@ -174,11 +176,16 @@ def test_a_layer_bypass_cannot_serve_is_reported_not_silently_merged(pack, tmp_p
     save_file({f"{norm}.w_norm": torch.randn(32, generator=g) * 0.1, f"{norm}.b_norm": torch.randn(32, generator=g) * 0.1,
                f"{to_q}.lora_up.weight": torch.randn(32, 4, generator=g), f"{to_q}.lora_down.weight": torch.randn(4, 32, generator=g)},
               str(tmp_path / "norm.safetensors"))
+    stored = model.model.diffusion_model.input_blocks[1][1].norm.weight.clone()
     node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
     patched, report = node.load(model, "norm.safetensors", 1.0, "bypass")["result"]
-    assert "bypass: 1 layers run the adapter beside the layer" in report, report
-    assert "warning: 1 layers cannot be bypassed" in report and "input_blocks.1.1.norm.weight" in report, report
-    assert "diffusion_model.input_blocks.1.1.norm.weight" in patched.patches  # merged, as the report says
+    merged, _ = node.load(model, "norm.safetensors", 1.0, "merge")["result"]
+    assert "bypass: 2 layers run the adapter beside the layer" in report and "cannot be bypassed" not in report, report
+    assert "diffusion_model.input_blocks.1.1.norm.weight" not in patched.patches  # not merged
+    y_bypass, y_merge, y_plain = _run(patched), _run(merged), _run(model)
+    assert torch.equal(model.model.diffusion_model.input_blocks[1][1].norm.weight, stored)
+    effect = float((y_merge - y_plain).norm())
+    assert effect > 0 and float((y_bypass - y_merge).norm()) <= 1e-5 * effect
 
 
 def test_auto_on_a_float_model_is_merge(pack, tmp_path):
