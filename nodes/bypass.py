@@ -127,7 +127,8 @@ class BypassForward:
             out = self._patched_forward(x, entries)
             if out is not None:
                 return out
-        token = weight_source_token(self.module)
+        # only adapters that keep something computed from W read the weight's token (built per call)
+        token = weight_source_token(self.module) if any(a.caches_on_weight for a, _, _ in entries) else None
         # input-side transforms (rotations, scales, GLoRA's x + a(x)) run before the base forward
         steps, needs_weight = plan_bypass([(a, m, offset is None) for a, m, offset in entries], self.geometry, token)
         needs_bias = self.has_bias and any(adapter.bypass_reads_bias for adapter, _, _ in entries)
@@ -344,21 +345,31 @@ class BypassPlan:
 
 
 if PatcherInjection is not None:
-    class _BypassInjection(PatcherInjection):
-        def __init__(self, plan: BypassPlan):
+    class PlanInjection(PatcherInjection):
+        """An injection that installs a plan (bypass forwards, cast-time patches) into whichever
+        model the patcher injects, keeping the plan so a later load can extend it."""
+
+        def __init__(self, plan):
             super().__init__(plan.inject, plan.eject)
             self.plan = plan
+
+
+def extend_injected_plan(patcher, key: str, empty_plan, additions) -> bool:
+    """Where the runtime has injections: `patcher`'s plan under `key` (or `empty_plan`) extended
+    with `additions`, set as its one injection there; False on runtimes without injections."""
+    if PatcherInjection is None or not hasattr(patcher, "set_injections"):
+        return False
+    current = [i.plan for i in (patcher.get_injections(key) or []) if isinstance(getattr(i, "plan", None),
+                                                                                 type(empty_plan))]
+    plan = (current[0] if current else empty_plan).extended(additions)
+    patcher.set_injections(key, [PlanInjection(plan)])
+    return True
 
 
 def add_bypass(patcher, additions) -> None:
     """Run `additions` ((path, adapter, strength, offset), ...) beside their layers on `patcher`
     (a clone), after whatever bypass it already has."""
-    if not additions:
-        return
-    if PatcherInjection is not None and hasattr(patcher, "set_injections"):
-        current = [i for i in (patcher.get_injections(INJECTION_KEY) or []) if isinstance(i, _BypassInjection)]
-        plan = (current[0].plan if current else BypassPlan({})).extended(additions)
-        patcher.set_injections(INJECTION_KEY, [_BypassInjection(plan)])
+    if not additions or extend_injected_plan(patcher, INJECTION_KEY, BypassPlan({}), additions):
         return
     for path, adapter, strength, offset in additions:  # older runtimes: one object patch per layer
         name = f"{path}.forward"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import comfy.utils
 
-from .bypass import PatcherInjection
+from .bypass import extend_injected_plan
 
 INJECTION_KEY = "lycoris_cast_patches"
 
@@ -91,21 +91,9 @@ class _Owned:
         return self.patch(tensor)
 
 
-if PatcherInjection is not None:
-    class _CastPatchInjection(PatcherInjection):
-        def __init__(self, plan: CastPatchPlan):
-            super().__init__(plan.inject, plan.eject)
-            self.plan = plan
-
-
 def add_cast_patches(patcher, additions) -> None:
     """Apply `additions` ((path, adapter, strength), ...) in the layers' own casts on `patcher`."""
-    if not additions:
-        return
-    if PatcherInjection is not None and hasattr(patcher, "set_injections"):
-        current = [i for i in (patcher.get_injections(INJECTION_KEY) or []) if isinstance(i, _CastPatchInjection)]
-        plan = (current[0].plan if current else CastPatchPlan({})).extended(additions)
-        patcher.set_injections(INJECTION_KEY, [_CastPatchInjection(plan)])
+    if not additions or extend_injected_plan(patcher, INJECTION_KEY, CastPatchPlan({}), additions):
         return
     for path, adapter, strength in additions:  # March 2024: one function per layer, chained
         module = comfy.utils.get_attr(patcher.model, path)

@@ -350,6 +350,12 @@ class Adapter:
         return False
 
     @property
+    def caches_on_weight(self) -> bool:
+        """Whether the bypass keeps something computed from the layer's weight (DoRA's norms), so
+        the caller must hand it the weight's token; other families never read it."""
+        return self.has_dora
+
+    @property
     def bypass_reads_bias(self) -> bool:
         """Whether the factored bypass needs the layer's bias values (output-side maps and DoRA
         undo and redo it; bias deltas follow its shape): the caller then casts it with the weight."""

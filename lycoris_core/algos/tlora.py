@@ -70,6 +70,8 @@ class TLoRA(Adapter):
         if weight_shape[0] != expected[0] or weight_shape[1] != expected[1]:
             super().check_weight(weight_shape)
 
+    caches_on_weight = True  # the initial state, an SVD of W
+
     def initial_state(self, weight):
         if "base_q" in self.tensors:
             return flat(self.t("base_p")), self.t("base_lambda").reshape(-1), flat(self.t("base_q"))
