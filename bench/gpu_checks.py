@@ -642,7 +642,7 @@ def held_copies(pack, patcher):
     plans = [i.plan for i in injections if hasattr(i, "plan")]
     if not plans:
         return None
-    return sum(len(devices) for devices in plans[0]._moved.values())
+    return sum(len(state.layers) for state in plans[0]._staged.values())
 
 
 def check_memory(report, options, device, pack, workdir):

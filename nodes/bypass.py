@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..lycoris_core.algos.base import COMPUTE_DTYPE, chain_inputs, patching_cheaper, plan_bypass, tensor_version
-from .call_state import strengths_now
+from .bypass_staging import Staged, scaled
+from .call_state import NEGATIVE, ScheduledStrength
 from .layers import computes_on_cast_weight, geometry, is_quantized_tensor
 
 try:
@@ -51,6 +52,7 @@ except ImportError:  # the pinned March-2024 runtime
     PatcherInjection = None
 
 INJECTION_KEY = "lycoris_bypass"
+_FORWARD_SLOT = "_lycoris_bypass_forward"  # where a layer keeps its BypassForward between plans
 
 
 def _no_release():
@@ -82,101 +84,129 @@ def _layer_weights(module, x):
 
 
 class BypassForward:
-    """Callable set as `module.forward`: the layer's own forward, then each adapter in turn."""
+    """Callable set as `module.forward`: the layer's own forward, then each adapter in turn.
 
-    def __init__(self, module, entries, previous=None, moved=None, plan=None):
+    What a call reads comes from its plan's state on the input's device (`Staged`): the moved
+    adapters and the strengths as tensors. Traced by torch.compile it reads nothing else per call
+    (no host numbers, addresses or versions), so a strength or schedule change is new data; eager
+    calls also read the strengths as numbers, to skip an adapter at strength 0 and to choose the
+    patched form."""
+
+    def __init__(self, module, previous=None):
         self.module = module
-        self.plan = plan  # the BypassPlan that installed it (None: an object patch)
-        self.entries = tuple(entries)  # ((adapter, strength, offset), ...)
         self.previous = previous  # an instance-level forward this one wraps (another object patch)
         self.geometry = geometry(module)
-        self._moved = {} if moved is None else moved  # device -> adapters there, shared by re-injections
         self.patchable = previous is None and computes_on_cast_weight(module) and bool(self.geometry.weight_shape)
         self.has_bias = getattr(module, "bias", None) is not None
-        self.active = True  # False once ejected
+        self.path, self.plan, self.active = None, None, False
 
-    def extended(self, adapter, strength: float, offset=None) -> "BypassForward":
-        return BypassForward(self.module, self.entries + ((adapter, strength, offset),), self.previous)
+    @classmethod
+    def on(cls, module, previous=None) -> "BypassForward":
+        """The layer's one forward object, kept on the module across plans: torch.compile guards on
+        the identity of a callable set as `forward`, so a new plan (another strength, schedule or
+        file of the same structure) binds this object instead of replacing it, and no compiled
+        frame is invalidated."""
+        forward = module.__dict__.get(_FORWARD_SLOT)
+        if not isinstance(forward, cls) or forward.previous is not previous:
+            forward = cls(module, previous)
+            module.__dict__[_FORWARD_SLOT] = forward
+        return forward
 
-    def _adapters_on(self, device):
-        """The adapters' tensors moved to the layer's device once, not every step."""
-        moved = self._moved.get(device)
-        if moved is None:
-            moved = [(adapter.moved(device), strength, offset) for adapter, strength, offset in self.entries]
-            self._moved[device] = moved
-        return moved
+    def bind(self, path: str, plan) -> "BypassForward":
+        self.path, self.plan, self.active = path, plan, True
+        plan.geometries[path] = self.geometry
+        return self
+
+    def unbind(self) -> None:
+        """Ejected: if another patch later puts it back, it is the layer's plain forward."""
+        self.plan, self.active = None, False
 
     def __call__(self, x, *args, **kwargs):
         if not self.active:  # ejected, then put back by another patch's eject: the layer as it was
-            return self._base_forward()(x, *args, **kwargs)
-        per_chunk, entries = strengths_now(self._adapters_on(x.device))
-        if per_chunk is not None and x.shape[0] % len(per_chunk) == 0:
-            # scheduled strengths that differ between the positive and negative rows of the batch
-            return torch.cat([self._run(part, chunk, args, kwargs) if chunk else self._base_forward()(part, *args, **kwargs)
-                              for part, chunk in zip(x.chunk(len(per_chunk)), per_chunk)])
-        if per_chunk is not None:
-            entries = per_chunk[0]
-        if not entries:  # every adapter of the layer is at strength 0 for this call
-            return self._base_forward()(x, *args, **kwargs)
-        return self._run(x, entries, args, kwargs)
+            return self._base(x, *args, **kwargs)
+        staged = self.plan.staged(x.device)
+        entries = staged.layers[self.path]
+        chunks = staged.table.shape[0] if staged.table.dim() == 2 else 0
+        if torch.compiler.is_compiling() or _capturing(x):  # data only: nothing here may read the host
+            if chunks and any(not a.strength_linear for a, _, _, _ in entries) and x.shape[0] % chunks == 0:
+                return torch.cat([self._run(part, entries, staged, i, args, kwargs, False)
+                                  for i, part in enumerate(x.chunk(chunks))])
+            return self._run(x, entries, staged, None, args, kwargs, False)
+        rows = staged.host if chunks else (staged.host,)
+        live = [e for e in entries if any(row[e[3]] != 0 for row in rows)]  # strength 0 all call: skipped
+        if not live:
+            return self._base(x, *args, **kwargs)
+        differ = [e for e in live if not e[0].strength_linear and len({row[e[3]] for row in rows}) > 1]
+        if differ and x.shape[0] % chunks == 0:  # a non-linear adapter with other strengths per pass
+            return torch.cat([self._run(part, [e for e in live if row[e[3]] != 0], staged, i, args, kwargs, True)
+                              if any(row[e[3]] != 0 for e in live) else self._base(part, *args, **kwargs)
+                              for i, (part, row) in enumerate(zip(x.chunk(chunks), rows))])
+        return self._run(x, live, staged, None, args, kwargs, True)
 
-    def _run(self, x, entries, args, kwargs):
-        """The layer's forward with `entries` ((adapter, strength, offset), strengths numbers)."""
+    def _run(self, x, entries, staged, chunk, args, kwargs, eager):
+        """The layer's forward with `entries` ((adapter, strength, offset, slot), ...); `chunk`: the
+        batch chunk `x` is (its row of the strength table), None for the whole batch."""
+        table = staged.table if chunk is None else staged.table[chunk]
+        numbers = []  # (adapter, strength as a number or None, offset, slot)
+        for adapter, _, offset, slot in entries:
+            # compiled, a number is a guarded constant: read only where the strength enters as code
+            known = (eager and table.dim() == 1) or not adapter.strength_linear
+            numbers.append((adapter, self._number(staged, chunk, slot) if known else None, offset, slot))
         own_op = self.patchable and not args and not kwargs
-        if own_op and self._patching_cheaper(x, entries):
-            out = self._patched_forward(x, entries)
+        if eager and own_op and table.dim() == 1 and self._patching_cheaper(x, numbers):
+            out = self._patched_forward(x, numbers)
             if out is not None:
                 return out
+        group = staged.groups.get(self.path)
+        if group is not None:
+            numbers = [e for e in numbers if e[3] not in group.slots]
         # only adapters that keep something computed from W read the weight's token (built per call)
-        token = weight_source_token(self.module) if any(a.caches_on_weight for a, _, _ in entries) else None
+        token = weight_source_token(self.module) if eager and any(a.caches_on_weight for a, *_ in numbers) else None
         # input-side transforms (rotations, scales, GLoRA's x + a(x)) run before the base forward
-        steps, needs_weight = plan_bypass([(a, m, offset is None) for a, m, offset in entries], self.geometry, token)
-        needs_bias = self.has_bias and any(adapter.bypass_reads_bias for adapter, _, _ in entries)
+        steps, needs_weight = plan_bypass([(a, 1.0 if m is None else m, offset is None) for a, m, offset, _ in numbers],
+                                          self.geometry, token)
+        needs_bias = self.has_bias and any(a.bypass_reads_bias for a, *_ in numbers)
+        run = _Outputs(self, numbers, steps, token, table, group)
         if own_op and (needs_weight or needs_bias):
-            return self._factored_on_cast(x, entries, steps, token)
+            return self._factored_on_cast(x, steps, run)
         if needs_weight and any(side for _, _, side in steps):
             # the input side reads W: one cast for it, released before the layer casts again
             with _cast(self.module, x) as (weight, _):
                 inputs = chain_inputs(x, steps, weight, self.geometry, token)
         else:
             inputs = chain_inputs(x, steps, None, self.geometry, token)
-        y = self._base_forward()(inputs[0], *args, **kwargs)
+        y = self._base(inputs[0], *args, **kwargs)
         if not (needs_weight or needs_bias):
-            return self._outputs(y, entries, steps, inputs, None, None, token)
+            return run(y, x, inputs, None, None)
         # the layer's own cast is over: the adapters get theirs (W, b as that cast hands them, on
         # the compute device), one at a time, never nested inside another
         with _cast(self.module, x) as (weight, bias):
-            return self._outputs(y, entries, steps, inputs, weight, bias, token)
+            return run(y, x, inputs, weight, bias)
 
-    def _factored_on_cast(self, x, entries, steps, token):
+    @staticmethod
+    def _number(staged, chunk, slot) -> float:
+        """A strength as a number; with a table per batch chunk and no chunk given, the chunks agree
+        on it here (else the call runs chunk by chunk)."""
+        host = staged.host if staged.table.dim() == 1 else staged.host[0 if chunk is None else chunk]
+        return host[slot]
+
+    def _factored_on_cast(self, x, steps, run):
         """Factored form on a layer whose forward is "cast W and b, then the op": one cast serves the
         layer's op and the adapters, held until they are done."""
+        token = run.token
         with _cast(self.module, x) as (weight, bias):
             if weight is None:  # no float weight to be had: the layer's forward, adapters without W
                 inputs = chain_inputs(x, steps, None, self.geometry, token)
-                return self._outputs(self._base_forward()(inputs[0]), entries, steps, inputs, None, None, token)
+                return run(self._base(inputs[0]), x, inputs, None, None)
             if run_every_op is not None:
                 run_every_op()  # what the layer's own forward does first (honours interrupts)
             inputs = chain_inputs(x, steps, weight, self.geometry, token)
-            return self._outputs(self._op(inputs[0], weight, bias), entries, steps, inputs, weight, bias, token)
+            return run(self._op(inputs[0], weight, bias), x, inputs, weight, bias)
 
-    def _outputs(self, y, entries, steps, inputs, weight, bias, token):
-        """Each adapter's output side on the base output `y`, in order."""
-        for (adapter, strength, offset), (_, _, side), x_k in zip(entries, steps, inputs[1:]):
-            if offset is None:
-                y = adapter.bypass(x_k, y, weight, bias, self.geometry, strength, token=token, input_applied=side)
-                continue
-            # a slice of a fused layer (Flux qkv / linear1): rows of the output, written in place
-            dim, start, length = offset
-            w = None if weight is None else weight.narrow(dim, start, length)
-            b = None if bias is None else bias.narrow(0, start, length)
-            part = y.narrow(-1, start, length)
-            new = adapter.bypass(x_k, part.clone(), w, b, self.geometry, strength, token=token)
-            part.copy_(new)
-        return y
-
-    def _base_forward(self):
-        return self.previous if self.previous is not None else type(self.module).forward.__get__(self.module)
+    def _base(self, x, *args, **kwargs):
+        if self.previous is not None:
+            return self.previous(x, *args, **kwargs)
+        return type(self.module).forward(self.module, x, *args, **kwargs)
 
     def _op(self, x, weight, bias):
         """The layer's op on a weight and bias it would cast itself (torch's conv/linear)."""
@@ -190,7 +220,7 @@ class BypassForward:
             tokens = x.numel() // max(1, x.shape[-1])
         else:  # output positions of the conv (stride shrinks them)
             tokens = x.numel() // max(1, x.shape[1] * math.prod(self.geometry.stride))
-        parts = [(adapter, shape if offset is None else _rows(shape, offset)) for adapter, _, offset in entries]
+        parts = [(adapter, shape if offset is None else _rows(shape, offset)) for adapter, _, offset, _ in entries]
         return patching_cheaper(parts, tokens, shape)
 
     def _patched_forward(self, x, entries):
@@ -203,7 +233,7 @@ class BypassForward:
             if run_every_op is not None:
                 run_every_op()  # what the layer's own forward does first (honours interrupts)
             w, b, owned = weight, bias, False
-            for adapter, strength, offset in entries:
+            for adapter, strength, offset, _ in entries:
                 if offset is None:
                     w, b = adapter.patch(w, strength, b, inplace=owned)  # fp32; a new tensor unless owned
                 else:  # rows of a fused layer, patched where they lie in a copy of our own
@@ -222,6 +252,44 @@ class BypassForward:
             return self._op(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
         finally:
             release()
+
+
+class _Outputs:
+    """Each adapter's output side on the base output, in order: the summed-rank group and every
+    strength-linear adapter as y + m*h(x) with m read from the table; the others with their number."""
+
+    def __init__(self, forward, entries, steps, token, table, group):
+        self.forward, self.entries, self.steps, self.token = forward, entries, steps, token
+        self.table, self.group = table, group
+
+    def strength(self, slot):
+        return self.table[slot] if self.table.dim() == 1 else self.table[:, slot]
+
+    def __call__(self, y, x, inputs, weight, bias):
+        geometry, token = self.forward.geometry, self.token
+        if self.group is not None:
+            y = y.add_(self.group(x, self.table))
+        for (adapter, _, offset, slot), (_, strength, side), x_k in zip(self.entries, self.steps, inputs[1:]):
+            w = weight if offset is None or weight is None else weight.narrow(offset[0], offset[1], offset[2])
+            b = bias if offset is None or bias is None else bias.narrow(0, offset[1], offset[2])
+            if adapter.strength_linear:
+                h = scaled(adapter.bypass_term(x_k, w, b, geometry, token=token), self.strength(slot))
+                if offset is None:
+                    y = y.add_(h)
+                else:  # a slice of a fused layer (Flux qkv / linear1): its rows of the output
+                    y.narrow(-1, offset[1], offset[2]).add_(h)
+                continue
+            if offset is None:
+                y = adapter.bypass(x_k, y, w, b, geometry, strength, token=token, input_applied=side)
+                continue
+            part = y.narrow(-1, offset[1], offset[2])
+            part.copy_(adapter.bypass(x_k, part.clone(), w, b, geometry, strength, token=token))
+        return y
+
+
+def _capturing(x) -> bool:
+    """Whether a CUDA graph is being captured (its replays would freeze any host value read now)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _rows(shape, offset):
@@ -307,11 +375,20 @@ class _cast:
 
 
 class BypassPlan:
-    """Layer path -> adapter entries; applied to whichever model the patcher holds."""
+    """Layer path -> adapter entries; applied to whichever model the patcher holds. Each entry has a
+    slot in the plan's strength table; its state per device (`Staged`) is built on first use."""
 
     def __init__(self, layers: dict):
-        self.layers = layers  # path -> ((adapter, strength, offset), ...)
-        self._moved: dict = {}  # path -> {device: moved adapters}
+        self.layers = layers  # path -> ((adapter, strength, offset), ...); strength a number or ScheduledStrength
+        self.slots, self.values = {}, []
+        for path, entries in layers.items():
+            self.slots[path] = tuple(range(len(self.values), len(self.values) + len(entries)))
+            self.values += [strength for _, strength, _ in entries]
+        self.scheduled = any(isinstance(v, ScheduledStrength) for v in self.values)
+        self.rows_vary = any(isinstance(v, ScheduledStrength) and v.rows_vary for v in self.values)
+        self.uses_timestep = any(a.algo == "tlora" for entries in layers.values() for a, _, _ in entries)
+        self.geometries: dict = {}  # path -> LayerGeometry, recorded by the forwards
+        self._staged: dict = {}  # device -> Staged
         self._installed: dict = {}  # id(module) -> the BypassForward injected there
 
     def extended(self, additions) -> "BypassPlan":
@@ -320,23 +397,48 @@ class BypassPlan:
             layers[path] = layers.get(path, ()) + ((adapter, strength, offset),)
         return BypassPlan(layers)
 
+    def staged(self, device) -> Staged:
+        state = self._staged.get(device)
+        if state is None:
+            state = self._staged[device] = Staged(self, device)
+        return state
+
+    def values_at(self, step, steps, chunks):
+        """Every slot's strength for a call: a tuple, or one per batch chunk where the negative pass
+        may differ. Outside a sampler (no step): the schedule's start, positive."""
+        if not self.scheduled:
+            return tuple(float(v) for v in self.values)
+        step, steps = (0, 1) if step is None else (step, steps)
+        value = (lambda v, negative: v.at(step, steps, negative) if isinstance(v, ScheduledStrength) else float(v))
+        if self.rows_vary and chunks:
+            return tuple(tuple(value(v, c == NEGATIVE) for v in self.values) for c in chunks)
+        return tuple(value(v, False) for v in self.values)
+
+    def begin_call(self, device, step, steps, chunks, timestep) -> None:
+        """Before a model call (outside any compiled region): its strengths and timestep, in place."""
+        state = self.staged(device)
+        if self.scheduled:
+            state.write(self.values_at(step, steps, chunks))
+        if timestep is not None and self.uses_timestep:
+            state.timestep.copy_(timestep)
+
     def inject(self, patcher) -> None:
-        for path, entries in self.layers.items():
+        for path in self.layers:
             module = comfy.utils.get_attr(patcher.model, path)
             previous = module.__dict__.get("forward")
             if isinstance(previous, BypassForward):  # another plan still on a shared model: replace it, never stack
                 previous = previous.previous
-            module.forward = BypassForward(module, entries, previous, self._moved.setdefault(path, {}), self)
+            module.forward = BypassForward.on(module, previous).bind(path, self)
             self._installed[id(module)] = module.forward
 
     def eject(self, patcher) -> None:
+        self._staged.clear()  # the adapters' device copies and caches go with the model
         for path in self.layers:
             module = comfy.utils.get_attr(patcher.model, path)
-            self._moved.get(path, {}).clear()  # the adapters' device copies and caches go with the model
             ours = self._installed.pop(id(module), None)
-            if ours is None:
+            if ours is None or ours.plan is not self:  # never ours, or since bound to another plan
                 continue
-            ours.active = False  # if another patch later puts it back, it is the layer's plain forward
+            ours.unbind()
             if module.__dict__.get("forward") is ours:
                 if ours.previous is None:
                     del module.forward
@@ -366,28 +468,32 @@ def extend_injected_plan(patcher, key: str, empty_plan, additions) -> bool:
     return True
 
 
-def add_bypass(patcher, additions) -> None:
+def add_bypass(patcher, additions) -> list:
     """Run `additions` ((path, adapter, strength, offset), ...) beside their layers on `patcher`
-    (a clone), after whatever bypass it already has."""
-    if not additions or extend_injected_plan(patcher, INJECTION_KEY, BypassPlan({}), additions):
-        return
-    for path, adapter, strength, offset in additions:  # older runtimes: one object patch per layer
-        name = f"{path}.forward"
-        existing = patcher.object_patches.get(name)
-        if isinstance(existing, BypassForward):
-            patcher.add_object_patch(name, existing.extended(adapter, strength, offset))
-        else:
+    (a clone), after whatever bypass it already has; returns the plans now on it (for
+    `publish_calls`)."""
+    if additions and not extend_injected_plan(patcher, INJECTION_KEY, BypassPlan({}), additions):
+        for path, adapter, strength, offset in additions:  # older runtimes: one object patch per layer
+            name = f"{path}.forward"
+            existing = patcher.object_patches.get(name)
+            plan = (existing.plan if isinstance(existing, BypassForward) else BypassPlan({})).extended(
+                [(path, adapter, strength, offset)])
             module = comfy.utils.get_attr(patcher.model, path)
-            patcher.add_object_patch(name, BypassForward(module, [(adapter, strength, offset)]))
+            patcher.add_object_patch(name, BypassForward(module).bind(path, plan))
+    return bypass_plans(patcher)
+
+
+def bypass_plans(patcher) -> list:
+    """The bypass plans on `patcher`: its injected one, or one per object-patched layer (older runtimes)."""
+    getter = getattr(patcher, "get_injections", None)
+    injections = (getter(INJECTION_KEY) or []) if getter is not None else []
+    plans = [injection.plan for injection in injections if getattr(injection, "plan", None) is not None]
+    return plans or [value.plan for value in patcher.object_patches.values() if isinstance(value, BypassForward)]
 
 
 def bypassed_layers(patcher) -> dict:
     """Layer path -> adapter entries that `patcher` runs in bypass mode."""
-    getter = getattr(patcher, "get_injections", None)
-    injections = (getter(INJECTION_KEY) or []) if getter is not None else []
-    for injection in injections:
-        plan = getattr(injection, "plan", None)
-        if plan is not None:
-            return dict(plan.layers)
-    return {name[: -len(".forward")]: value.entries for name, value in patcher.object_patches.items()
-            if isinstance(value, BypassForward)}
+    layers = {}
+    for plan in bypass_plans(patcher):
+        layers.update(plan.layers)
+    return layers

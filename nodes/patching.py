@@ -15,13 +15,12 @@ import math
 from dataclasses import dataclass, field
 
 from ..lycoris_core import AdapterFormatError
-from ..lycoris_core.algos.tlora import current_timestep
 from ..lycoris_core.fit import MODEL_CONFIG_FAMILIES, cause, model_family, shortfall, trained_for
 from ..lycoris_core.matching import Coverage, TargetClaims, duplicate_line
 from ..lycoris_core.reader import trainer_notes
 from .bypass import add_bypass
 from .cast_patches import add_cast_patches, casts_in_forward
-from .call_state import CallState, ScheduledStrength, check_schedule_runtime, publish_calls
+from .call_state import ScheduledStrength, check_schedule_runtime, publish_calls
 from .key_map import build_key_map, is_text_encoder_module, resolve, target_key
 from .layers import geometry, is_weight_layer, logical_weight_shape, module_of, precision, stored_format
 from .patches import LAZY, diff_patch, embed_slice, lazy_patch
@@ -139,9 +138,8 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
 
     Raises AdapterFormatError when nothing of the file matches the model.
     """
-    state = None
-    if schedule is not None and model is not None and strength_model != 0:
-        state = CallState()
+    scheduling = schedule is not None and model is not None and strength_model != 0
+    if scheduling:
         check_schedule_runtime(schedule)
     use_model = model is not None and strength_model != 0
     use_clip = clip is not None and strength_clip != 0
@@ -198,7 +196,7 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
                 shape[offset[0]] = offset[2]
             adapter.check_weight(tuple(shape))
             quantized = stored_format(layer) if layer is not None else None
-            scheduled = state is not None and side == "model"
+            scheduled = scheduling and side == "model"
             wants_bypass = active and (scheduled or mode == "bypass" or (mode == "auto" and quantized is not None))
             norm_beside = adapter.algo == "norm" and not scheduled and casts_in_forward(layer)
             if wants_bypass and norm_beside and reorder is None:
@@ -206,7 +204,7 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
                 cast_patched[side].append((key[: -len(".weight")], adapter, strength))
                 report.count_bypass(adapter, geometry(layer), quantized)
             elif wants_bypass and reorder is None and _bypassable(layer, adapter):
-                value = ScheduledStrength(strength, schedule, state) if scheduled else strength
+                value = ScheduledStrength(strength, schedule) if scheduled else strength
                 bypassed[side].append((key[: -len(".weight")], adapter, value, offset))
                 report.scheduled += scheduled
                 report.count_bypass(adapter, geometry(layer), quantized)
@@ -261,15 +259,14 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
             if group:
                 target_obj.add_patches(group, strength)
         if bypassed[side]:
-            add_bypass(_patcher(target_obj), bypassed[side])
+            plans = add_bypass(_patcher(target_obj), bypassed[side])
+            if side == "model":  # each call's strengths and timestep, written before the call
+                publish_calls(target_obj, plans)
         if cast_patched[side]:
             add_cast_patches(_patcher(target_obj), cast_patched[side])
     for line in report.warnings():
         logging.warning("LyCORIS %s: %s", adapter_file.name, line)
-    if any(adapter.algo == "tlora" for _, adapter, _, _ in bypassed["model"]):
-        _publish_timestep(new_model)
-    if state is not None and report.scheduled:
-        publish_calls(new_model, state)
+    if report.scheduled:
         report.schedule = schedule.describe()
     return new_model, new_clip, report
 
@@ -290,25 +287,6 @@ def _fit_reason(adapter_file, model, report) -> str:
     coverage = report.coverage
     return cause(trained_for(adapter_file.metadata, adapter_file.adapters), family, label,
                  report.shape_misfits, len(coverage.unmatched))
-
-
-def _publish_timestep(patcher) -> None:
-    """T-LoRA's rank mask follows the sampling step: wrap the model call so the current timestep
-    (the sampler hands ComfyUI a sigma) is published before every step, keeping any wrapper
-    another node installed. The sampling schedule is read from the model being run (a deep clone
-    runs its own), else from the model seen at load."""
-    previous = patcher.model_options.get("model_function_wrapper")
-    loaded_sampling = patcher.model.model_sampling
-
-    def wrapper(apply_model, args):
-        sampling = getattr(getattr(apply_model, "__self__", None), "model_sampling", None)
-        sampling = loaded_sampling if sampling is None else sampling
-        current_timestep.value = float(sampling.timestep(args["timestep"]).reshape(-1)[0])
-        if previous is not None:
-            return previous(apply_model, args)
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    patcher.set_model_unet_function_wrapper(wrapper)
 
 
 def _patcher(owner):

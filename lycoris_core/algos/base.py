@@ -127,6 +127,7 @@ class Adapter:
     """
 
     algo: ClassVar[str] = ""
+    host_values: ClassVar[tuple[str, ...]] = ()  # cached properties read from host tensors (see `moved`)
     suffixes: ClassVar[tuple[str, ...]] = ()
     additive: ClassVar[bool] = True
     delta_uses_weight: ClassVar[bool] = False  # GLoRA, T-LoRA: the delta is a function of W
@@ -296,10 +297,16 @@ class Adapter:
         clone = self.with_tensors({k: v.to(device=device, dtype=COMPUTE_DTYPE) if v.is_floating_point()
                                    else v.to(device) for k, v in self.tensors.items()})
         clone.scale_override = scale
+        for name in self.host_values:  # read now from the file's tensors, kept as numbers
+            getattr(clone, name)
         return clone
 
     def cached(self, slot: str, key, build):
-        """`build()` computed once per `key` and kept in one `slot` of this copy (a new key replaces it)."""
+        """`build()` computed once per `key` and kept in one `slot` of this copy (a new key replaces it).
+        Traced by torch.compile it is computed in the graph instead: a cache filled by a traced call
+        would be a Python side effect that the next call's guards see as a change."""
+        if torch.compiler.is_compiling():
+            return build()
         store = self.__dict__.setdefault("_bypass_cache", {})
         hit = store.get(slot)
         if hit is None or hit[0] != key:
@@ -361,6 +368,19 @@ class Adapter:
         undo and redo it; bias deltas follow its shape): the caller then casts it with the weight."""
         return self.has_dora or not self.additive or self.changes_bias()
 
+    @property
+    def strength_linear(self) -> bool:
+        """Whether the bypass is y + m*h(x) for every strength m, so the caller may keep m as data (a
+        tensor filled per model call) rather than code; False where m enters otherwise (DoRA's norm,
+        rotations, scales, GLoRA's re-run of the layer)."""
+        return self.additive and not self.has_dora and not self.delta_uses_weight
+
+    def bypass_term(self, x, weight, bias, geometry: LayerGeometry, *, token=None) -> torch.Tensor:
+        """h(x) of a `strength_linear` family, bias delta included: its output at strength 1 minus
+        the layer's own."""
+        out = self.delta_forward(x, geometry, self.layer_shape(weight, geometry))
+        return self.add_bias_delta(out, bias, 1.0, geometry)
+
     def bypass_is_dense(self, geometry: LayerGeometry | None = None) -> bool:
         """Whether bypass builds a full-size weight or delta (no factored form)."""
         return type(self).bypass is Adapter.bypass and not self.additive
@@ -400,6 +420,8 @@ class Adapter:
         """DoRA's per-channel scale (output rows, or input columns for `dora_on_input`) with the
         strength rule applied; a function of W and the adapter only, so computed once per `token`
         (default: the weight tensor's own identity and version) and strength."""
+        if torch.compiler.is_compiling():  # a traced graph keys nothing on addresses: computed in the graph
+            return self._dora_scale_now(weight, strength)
         if token is None and weight is None:
             raise self.error(f"{self.algo} with DoRA in bypass mode needs the layer's weight once")
         scales = self.cached("dora", token if token is not None else weight_token(weight), dict)  # per strength
@@ -407,14 +429,17 @@ class Adapter:
             return scales[strength]
         if weight is None:
             raise self.error(f"{self.algo} with DoRA in bypass mode needs the layer's weight once")
+        scales[strength] = self._dora_scale_now(weight, strength)
+        return scales[strength]
+
+    def _dora_scale_now(self, weight, strength: float) -> torch.Tensor:
         w = weight.to(device=self.device_of(weight), dtype=COMPUTE_DTYPE)
         magnitude = self.tensors.get("dora_scale")
         if magnitude is not None:
             scale = dora_channel_scale(self.add_delta(w, 1.0), magnitude.to(COMPUTE_DTYPE), strength, self)
         else:
             scale = peft_dora_scale(self.add_delta(w, strength), self.t("lora_magnitude_vector"))
-        scales[strength] = scale.reshape(-1)
-        return scales[strength]
+        return scale.reshape(-1)
 
     def device_of(self, weight):
         first = next(iter(self.tensors.values()), None)

@@ -65,7 +65,7 @@ class GLoRA(Adapter):
     def scale(self):
         if self.scale_override is None and self.context.bool_arg("rs_lora") and self.alpha is not None:
             return self.alpha / math.sqrt(self.rank)
-        return super().scale
+        return Adapter.scale.fget(self)  # not super().scale: torch.compile cannot trace it
 
     def expected_shape(self):
         a_down, _, b_down, b_up = (self.tensors[k] for k in (("a2.weight", "a1.weight", "b2.weight", "b1.weight")

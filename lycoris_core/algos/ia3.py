@@ -10,6 +10,7 @@ in != out channels; only a square conv needs `feedforward_modules` from adapter_
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -32,7 +33,9 @@ class IA3(Adapter):
     def detect(cls, tensors):
         return "on_input" in tensors and "weight" in tensors
 
-    @property
+    host_values = ("on_input",)
+
+    @functools.cached_property
     def on_input(self) -> bool:
         flag = self.host("on_input")
         return bool(flag.reshape(-1)[0].item()) if flag.numel() else False

@@ -64,7 +64,7 @@ class LoKr(Adapter):
     @property
     def scale(self):
         if self.scale_override is not None or self.decomposed:
-            return super().scale
+            return Adapter.scale.fget(self)  # not super().scale: torch.compile cannot trace it
         # Both factors full: LyCORIS forced alpha = lora_dim while training.
         alpha = self.alpha
         dim = None

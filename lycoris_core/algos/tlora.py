@@ -10,7 +10,9 @@ Merging has no timestep, so it uses every rank (the trainer's forward with no ma
 applies the trainer's rank mask per sampling step: at timestep t of T = 1000 the first
 int(((T - t) / T) ** tlora_alpha * (r - tlora_min_rank)) + tlora_min_rank ranks stay active
 (SimpleTuner's `tlora_min_rank`, `tlora_alpha`, from the file's metadata; defaults 1 and 1).
-The node layer publishes the current timestep through `current_timestep`.
+The timestep is data: the node layer hands a moved copy a 0-d tensor (`clock`) that it fills
+before every model call (NaN: no mask), so the mask is computed on the device, per model, with
+no process-wide state and nothing a compiled graph would freeze.
 """
 
 from __future__ import annotations
@@ -23,21 +25,13 @@ from .base import COMPUTE_DTYPE, Adapter, channel_view, flat
 MAX_TIMESTEP = 1000
 
 
-class _Timestep:
-    """The sampling step's timestep, set by whoever drives the model (None: no mask)."""
-
-    value: float | None = None
-
-
-current_timestep = _Timestep()
-
-
 def rank_mask(timestep, rank: int, min_rank: int = 1, alpha: float = 1.0) -> torch.Tensor:
-    """lycoris-lora's `compute_timestep_mask` rule: (rank,) ones for the active ranks."""
-    active = int(((MAX_TIMESTEP - float(timestep)) / MAX_TIMESTEP) ** alpha * (rank - min_rank)) + min_rank
-    mask = torch.zeros(rank)
-    mask[: min(active, rank)] = 1.0
-    return mask
+    """lycoris-lora's `compute_timestep_mask` rule: (rank,) ones for the active ranks, computed from
+    a tensor `timestep` (any device; NaN: every rank) without reading it back to the host."""
+    t = torch.as_tensor(timestep, dtype=torch.float64)
+    active = torch.floor(((MAX_TIMESTEP - t) / MAX_TIMESTEP) ** alpha * (rank - min_rank)) + min_rank
+    active = torch.where(torch.isnan(t), torch.full_like(t, rank), active)
+    return (torch.arange(rank, device=t.device) < active).to(COMPUTE_DTYPE)
 
 
 class TLoRA(Adapter):
@@ -95,6 +89,12 @@ class TLoRA(Adapter):
             q0 = q0[:, : weight.shape[1]]
         return p0, s0, q0
 
+    clock = None  # a 0-d timestep tensor the caller fills per model call (see the module docstring)
+
+    @property
+    def strength_linear(self):
+        return True
+
     def mask(self, timestep) -> torch.Tensor:
         """The trainer's rank mask at `timestep` (all ones when None)."""
         if timestep is None:
@@ -107,17 +107,24 @@ class TLoRA(Adapter):
         return rank_mask(timestep, self.rank, min_rank, alpha)
 
     def bypass(self, x, y, weight, bias, geometry, strength=1.0, *, token=None, input_applied=False):
-        """y + m*gamma*(P(lambda*mu . Qx) - P0(lambda0*mu . Q0x)), mu the mask of the current step.
-        The initial state (an SVD of W) is computed once per layer weight."""
+        """y + m*gamma*(P(lambda*mu . Qx) - P0(lambda0*mu . Q0x)), mu the mask of the current step."""
+        return y + strength * self.bypass_term(x, weight, bias, geometry, token=token)
+
+    def bypass_term(self, x, weight, bias, geometry, *, token=None):
+        """gamma*(P(lambda*mu . Qx) - P0(lambda0*mu . Q0x)). The initial state (an SVD of W) is
+        computed once per layer weight (under torch.compile: kept from the first call)."""
         if weight is None:
             raise self.error("T-LoRA in bypass mode needs the layer's readable weight (its SVD is the base term)")
         # keyed on the stored weight's token (a cast copy's address rotates with offload buffers)
-        key = token if token is not None else (weight.data_ptr(), tuple(weight.shape))
         cached = getattr(self, "_initial", None)
+        if cached is not None and torch.compiler.is_compiling():
+            key = cached[0]  # a traced graph cannot read addresses; the plan is staged per model
+        else:
+            key = token if token is not None else (weight.data_ptr(), tuple(weight.shape))
         if cached is None or cached[0] != key:
             self._initial = cached = (key, self.initial_state(weight))
         p0, lam0, q0 = cached[1]
-        mu = self.mask(current_timestep.value).to(x.device)
+        mu = self.mask(self.clock).to(x.device)
         p, lam, q = flat(self.t("p_layer.weight")), self.t("lambda_layer").reshape(-1), flat(self.t("q_layer.weight"))
         ones = (1,) * geometry.conv_dims  # convs: 1x1 factors, Q with the layer's geometry as the trainer does
 
@@ -126,8 +133,7 @@ class TLoRA(Adapter):
             h = geometry.apply(x, down) * channel_view((scale * mu).to(x.dtype), x, geometry.linear)
             return geometry.apply(h, up.to(x.dtype).reshape(up.shape + ones), plain=True)
 
-        out = branch(p, lam, q) - branch(p0, lam0, q0)
-        return y + (strength * self.scale) * out
+        return (branch(p, lam, q) - branch(p0, lam0, q0)) * self.scale
 
     def delta(self, weight):
         p, lam, q = flat(self.t("p_layer.weight")), self.t("lambda_layer").reshape(-1), flat(self.t("q_layer.weight"))

@@ -57,7 +57,7 @@ def test_tlora_bypass_applies_the_trainers_timestep_mask(tmp_path, timestep):
     from lycoris import create_lycoris
     from lycoris.modules.tlora import clear_timestep_mask, compute_timestep_mask, set_timestep_mask
 
-    from lycoris_core.algos.tlora import current_timestep
+    from lycoris_core.algos.tlora import TLoRA
 
     lo.reset_presets(["Linear"])
     torch.manual_seed(0)
@@ -70,9 +70,11 @@ def test_tlora_bypass_applies_the_trainers_timestep_mask(tmp_path, timestep):
     metadata = {"ss_network_args": '{"algo": "tlora", "tlora_min_rank": "2", "tlora_alpha": "1.5"}'}
     net.save_weights(str(path), torch.float32, metadata)
     adapters = load_adapter_file(path).adapters
+    for adapter in adapters.values():
+        assert isinstance(adapter, TLoRA)
+        adapter.clock = torch.tensor(float(timestep))  # what the node layer fills per model call
     x = torch.randn(3, 5, 32)
     set_timestep_mask(compute_timestep_mask(timestep, 1000, 8, 2, 1.5))
-    current_timestep.value = timestep
     try:
         for i, (layer, base_layer) in enumerate(zip(model, base)):
             inp = x if i == 0 else torch.randn(3, 5, 48)
@@ -83,4 +85,3 @@ def test_tlora_bypass_applies_the_trainers_timestep_mask(tmp_path, timestep):
             assert lo.rel_error(ours, truth, y_base) <= TOL
     finally:
         clear_timestep_mask()
-        current_timestep.value = None

@@ -148,17 +148,24 @@ def test_bypass_on_a_layer_without_a_float_weight(pack, tmp_path):
 
 
 def test_tlora_bypass_publishes_the_sampling_timestep(pack, tmp_path):
+    """The model-function wrapper writes each call's timestep into the plan's tensor on the call's
+    device, where T-LoRA's copies read it (no process-wide state)."""
     _loras(tmp_path)
     model = tiny_sd15()
     lycoris_file(model.model.diffusion_model, tmp_path / "tlora.safetensors", "lora_unet_", "tlora")
     patched = _load(pack, model, "tlora.safetensors", 1.0, "bypass")
-    from lycoris_pack.lycoris_core.algos.tlora import current_timestep
+    from lycoris_pack.nodes.bypass import bypass_plans
 
     wrapper = patched.model_options["model_function_wrapper"]
     sigma = torch.tensor([2.5, 2.5])
+    (plan,) = bypass_plans(patched)
     seen = []
-    wrapper(lambda x, t, **c: seen.append(current_timestep.value), {"input": None, "timestep": sigma, "c": {}})
+    x = torch.zeros(2, 4, 8, 8)
+    wrapper(lambda x, t, **c: seen.append(float(plan.staged(x.device).timestep)),
+            {"input": x, "timestep": sigma, "c": {}})
     assert seen == [pytest.approx(float(model.model.model_sampling.timestep(sigma)[0]))]
+    clocks = {id(a.clock) for entries in plan.staged(x.device).layers.values() for a, *_ in entries}
+    assert clocks == {id(plan.staged(x.device).timestep)}
     assert "model_function_wrapper" not in model.model_options  # the input model is untouched
 
 

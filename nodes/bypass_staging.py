@@ -1,0 +1,122 @@
+"""A bypass plan's state on one compute device: the adapters moved there once, and what each model
+call changes (strengths, T-LoRA's timestep) held in fixed tensors written in place before the call.
+
+A strength or schedule change is then new data, never new code: a compiled graph reads the same
+tensors (no guard on a Python number, no recompile) and a captured CUDA graph replays with the new
+values. The host keeps the numbers too, for what only eager code may branch on (skipping an
+adapter at strength 0, the patched-weight form).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..lycoris_core.algos.base import COMPUTE_DTYPE, flat
+
+_PLAIN_LORA_KEYS = {"lora_down.weight", "lora_up.weight", "alpha", "scalar"}
+
+
+def _plain_lora(adapter, geometry) -> bool:
+    """A LoRA/LoCon whose bypass is up(down(x)) and nothing else (no Tucker mid, bias, DoRA or sparse
+    residual), on a layer without groups: it can join the summed-rank product."""
+    return adapter.algo == "lora" and set(adapter.tensors) <= _PLAIN_LORA_KEYS and geometry.groups == 1
+
+
+class LowRankGroup:
+    """The plain LoRA entries of one layer as one product of their summed rank:
+    y += U (v . D x), D the stacked downs, U the concatenated ups with each file's scale folded in,
+    v each rank's strength gathered from the plan's table per call. One pair of small matmuls
+    (or convs) for any number of stacked LoRAs."""
+
+    def __init__(self, members, geometry, device):
+        shape = tuple(geometry.weight_shape)
+        downs, ups, slots = [], [], []
+        for adapter, slot in members:
+            down, up = adapter.t("lora_down.weight"), flat(adapter.t("lora_up.weight")) * adapter.scale
+            if not geometry.linear:
+                down = down.reshape((down.shape[0],) + shape[1:])
+            downs.append(down)
+            ups.append(up)
+            slots += [slot] * down.shape[0]
+        down = torch.cat([flat(d) for d in downs]) if geometry.linear else torch.cat(downs)
+        up = torch.cat(ups, dim=1)
+        if not geometry.linear:
+            up = up.reshape(up.shape + (1,) * geometry.conv_dims)
+        self.geometry = geometry
+        self.down, self.up = down.to(device), up.to(device)
+        self.rank_slots = torch.tensor(slots, dtype=torch.long, device=device)
+        self.slots = frozenset(slot for _, slot in members)
+
+    def __call__(self, x, table):
+        """U (v . D x) in x's dtype; `table` is (slots,) or (chunks, slots): per batch chunk."""
+        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
+        v = table.index_select(-1, self.rank_slots).to(x.dtype)
+        z = self.geometry.apply(x, down)
+        if self.geometry.linear:  # ranks on the last dim
+            z = z * v if v.dim() == 1 else (z.reshape(v.shape[0], -1, v.shape[1]) * v[:, None]).reshape(z.shape)
+        elif v.dim() == 1:  # ranks on dim 1
+            z = z * v.reshape((1, -1) + (1,) * (z.dim() - 2))
+        else:
+            per_chunk = z.reshape((v.shape[0], -1) + tuple(z.shape[1:]))
+            z = (per_chunk * v.reshape((v.shape[0], 1, -1) + (1,) * (z.dim() - 2))).reshape(z.shape)
+        return self.geometry.apply(z, up, plain=True)
+
+
+def scaled(h, strength):
+    """h times a data strength: a 0-d tensor, or one value per batch chunk (rows chunk-major)."""
+    strength = strength.to(h.dtype)
+    if strength.dim() == 0:
+        return h * strength
+    n = strength.shape[0]
+    return (h.reshape(n, -1) * strength[:, None]).reshape(h.shape)
+
+
+class Staged:
+    """A plan on one device: its adapters moved there (per layer: ((adapter, strength, offset,
+    slot), ...)), the summed-rank groups, the strength table and the timestep."""
+
+    def __init__(self, plan, device):
+        self.device = device
+        self.layers, self.groups = {}, {}
+        for path, entries in plan.layers.items():
+            slots = plan.slots[path]
+            moved = tuple((adapter.moved(device), strength, offset, slot)
+                          for (adapter, strength, offset), slot in zip(entries, slots))
+            self.layers[path] = moved
+            geometry = plan.geometries.get(path)
+            if geometry is None:
+                continue
+            if all(a.strength_linear and offset is None for a, _, offset, _ in moved):
+                members = [(a, slot) for a, _, _, slot in moved if _plain_lora(a, geometry)]
+                if members:
+                    self.groups[path] = LowRankGroup(members, geometry, device)
+        self.timestep = torch.full((), math.nan, dtype=torch.float64, device=device)
+        for entries in self.layers.values():
+            for adapter, _, _, _ in entries:
+                if adapter.algo == "tlora":
+                    adapter.clock = self.timestep
+        self.host = None  # the table's values as numbers: (slots,) or ((slots,) per chunk)
+        self.table = None
+        self.write(plan.values_at(None, None, None))
+
+    def write(self, values) -> None:
+        """Put this call's strengths in the table, in place (a new tensor only when its shape changes)."""
+        if values == self.host:
+            return
+        tensor = torch.tensor(values, dtype=COMPUTE_DTYPE)
+        if self.table is None or self.table.shape != tensor.shape:
+            self.table = tensor.to(self.device)
+        else:
+            self.table.copy_(tensor)
+        self.host = values
+
+    def size_bytes(self) -> int:
+        total = 0
+        for entries in self.layers.values():
+            for adapter, _, _, _ in entries:
+                total += sum(t.numel() * t.element_size() for t in adapter.tensors.values())
+        for group in self.groups.values():
+            total += group.down.numel() * group.down.element_size() + group.up.numel() * group.up.element_size()
+        return total
