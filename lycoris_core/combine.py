@@ -12,6 +12,17 @@ Why it is done this way (reference/utilities.md 3):
   each algorithm's own delta and re-factorised.
 Deltas of DoRA / GLoRA / OFT / BOFT / IA3 / T-LoRA depend on the base weight: they need `base`
 (a state dict or safetensors path), otherwise the module is refused by name.
+
+Plain-LoRA output (`plain=True`, for runtimes that take only `lora_up/lora_down/alpha`, e.g.
+Nunchaku's SVDQuant layers): every layer becomes a LoRA/LoCon pair whatever its algorithm, at a
+fixed rank or a kept-energy share (default: energy 1.0, i.e. lossless up to the numerical rank).
+The SVD runs in fp64 where it is cheap (QR cores, layers up to 2**20 entries), the factors are
+balanced (up = U sqrt(S), down = sqrt(S) Vh, alpha = rank, so no loader rescales and neither factor
+underflows or overflows in fp16), conv deltas keep their (out, in, kh, kw) unfolding, and every
+layer's relative error is measured on the factors as written (after rounding to the output dtype).
+What a LoRA pair cannot hold is refused by name unless `drop_unrepresentable`: 1-D changes (Norm,
+`diff` of a norm weight), bias changes, parameter deltas (`diff_m`), and weight-dependent
+algorithms when no base is given.
 """
 
 from __future__ import annotations
@@ -72,6 +83,8 @@ def combine(
     value: float | None = None,
     base=None,
     dtype=None,
+    plain: bool = False,
+    drop_unrepresentable: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> UtilityResult:
     """Combine `inputs` [(path or AdapterFile, weight), ...] into one adapter.
@@ -82,11 +95,16 @@ def combine(
     - `base`: state dict or .safetensors path; needed for weight-dependent algorithms, and used
       (when given) to group modules of different files that name the same layer differently.
     - `dtype`: output dtype (default: the first input's factor dtype).
+    - `plain`: write only `lora_up/lora_down/alpha` (see module docstring); with no `rank` and
+      mode "fixed" the rule is energy 1.0 (lossless). `drop_unrepresentable` leaves out (and
+      reports) what a LoRA pair cannot hold instead of refusing the whole job.
     """
     files = [(f if isinstance(f, AdapterFile) else load_adapter_file(f), float(w)) for f, w in inputs]
     if not files:
         raise ValueError("combine needs at least one input")
-    svd_mode = rank is not None or mode != "fixed"
+    if plain and rank is None and mode == "fixed":
+        mode, value = "energy", 1.0
+    svd_mode = plain or rank is not None or mode != "fixed"
     rules = None
     if svd_mode:
         if mode == "fixed":
@@ -114,6 +132,9 @@ def combine(
             for problem in adapter_file.problems:
                 skipped.append((adapter_file.name, problem))
 
+        if plain:
+            groups = _plain_representable(groups, drop_unrepresentable, skipped)
+
         tensors: dict[str, torch.Tensor] = {}
         layers: list[LayerReport] = []
         items = list(groups.items())
@@ -127,13 +148,13 @@ def combine(
                 bias_key = key[: -len("weight")] + "bias"
                 bias_tensor = base_src.tensor(bias_key) if bias_key in base_src else None
             if all(_plain_lora(a) for a, *_ in members):
-                out, report = _combine_lora(members, rules, out_dtype)
+                out, report = _combine_lora(members, rules, out_dtype, plain)
             elif not svd_mode and len(members) == 1 and _foldable(members[0][0], members[0][1]):
                 out, report = _fold_single(members[0][0], members[0][1], out_dtype)
             else:
                 d, db = _materialise(members, weight_tensor, bias_tensor)
                 if svd_mode:
-                    out, report = _refactor_dense(d, rules, out_dtype)
+                    out, report = _refactor_dense(d, rules, out_dtype, plain)
                     if db is not None and float(db.abs().max()) > 0:
                         skipped.append((name, "bias change dropped: a LoRA module cannot carry it"))
                 else:
@@ -156,13 +177,18 @@ def combine(
             base_src.close()
 
     only_lora = all(k.endswith((UP, DOWN, MID, ".alpha")) for k in tensors)
+    if plain and not all(k.endswith((UP, DOWN, ".alpha")) for k in tensors):
+        raise AssertionError("plain LoRA output holds other keys")  # a bug, never the input's fault
+    one_rank = svd_mode and mode == "fixed" and len({l.rank for l in layers}) <= 1
     meta = {
         "ss_network_module": "networks.lora" if only_lora else "lycoris.kohya",
-        "ss_network_dim": str(rank) if (svd_mode and mode == "fixed") else "Dynamic",
-        "ss_network_alpha": str(rank) if (svd_mode and mode == "fixed") else "Dynamic",
+        "ss_network_dim": str(rank) if one_rank else "Dynamic",
+        "ss_network_alpha": str(rank) if one_rank else "Dynamic",
         "lycoris_pack.tool": TOOL,
         "lycoris_pack.inputs": json.dumps([[os.path.basename(f.path), w] for f, w in files]),
         "lycoris_pack.method": "svd" if svd_mode else "exact concatenation",
+        "lycoris_pack.output": "plain lora" if plain else "lycoris",
+        "lycoris_pack.dtype": str(out_dtype).replace("torch.", ""),
         "lycoris_pack.mode": mode,
         "lycoris_pack.value": "" if value is None else f"{value:g}",
         "lycoris_pack.rank": "" if rank is None else str(rank),
@@ -177,7 +203,62 @@ def combine(
     return result
 
 
-def _combine_lora(members, rules, dtype):
+def _plain_obstacle(adapter, matched: bool) -> tuple[str, bool] | None:
+    """Why a LoRA pair cannot hold this module's change: (reason, whether the weight part can still
+    be converted with the rest dropped); None when it can hold all of it."""
+    if "diff_m" in adapter.tensors:
+        return "a parameter delta (diff_m) on a parameter that is no layer's weight", False
+    shape = adapter.expected_shape()
+    if adapter.algo == "norm" or (shape is not None and len(shape) < 2) or (
+            adapter.algo == "full" and "diff" not in adapter.tensors):
+        return f"{adapter.algo}: a 1-D change (norm weight or bias) is not a matrix a LoRA pair can factor", False
+    if not _base_free(adapter) and not matched:
+        return (f"{adapter.algo}{' with DoRA' if adapter.has_dora else ''}: its change depends on the base weight; "
+                "pass the base model to convert it for that base", False)
+    if adapter.changes_bias() or "bias_indices" in adapter.tensors:
+        return f"{adapter.algo}: it also changes the layer's bias (or a sparse residual), which a LoRA pair cannot carry", True
+    return None
+
+
+def _plain_representable(groups: dict, drop: bool, skipped: list) -> dict:
+    """The groups a plain LoRA file can hold; what it cannot is refused by name (one error listing
+    every module) or, with `drop`, left out and listed in `skipped`."""
+    kept, problems = {}, []
+    for key, members in groups.items():
+        keep = []
+        for member in members:
+            adapter, _, source, matched = member
+            obstacle = _plain_obstacle(adapter, matched)
+            if obstacle is None:
+                keep.append(member)
+                continue
+            reason, partial = obstacle
+            problems.append(f"{source}: {adapter.name} ({reason})")
+            if drop:
+                skipped.append((f"{source}: {adapter.name}", ("weight change converted, the rest dropped: "
+                                                             if partial else "left out: ") + reason))
+                if partial:
+                    keep.append(member)
+        if keep:
+            kept[key] = keep
+    if problems and not drop:
+        shown = "; ".join(problems[:8]) + (f"; ... and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise ValueError(f"plain LoRA output cannot hold {len(problems)} module(s): {shown}. Leave them out with "
+                         "drop_unrepresentable (--drop-unrepresentable), or keep the LyCORIS output")
+    return kept
+
+
+def _effective_rank(s: torch.Tensor, k: int, rows: int, cols: int) -> int:
+    """`k` without the numerically zero singular values: below sigma_1 * max(rows, cols) * fp32 eps
+    (numpy's matrix_rank rule at the precision the deltas are formed in), so a lossless rule does
+    not keep fp32 rounding noise as extra rank."""
+    if k == 0 or s.numel() == 0:
+        return k
+    tolerance = float(s[0]) * max(rows, cols) * torch.finfo(torch.float32).eps
+    return min(k, int((s > tolerance).sum()))
+
+
+def _combine_lora(members, rules, dtype, plain=False):
     parts = [_factors(a, w) for a, w, *_ in members]
     rows = {p[0].shape[0] for p in parts}
     cols = {p[1].shape[1] for p in parts}
@@ -223,13 +304,18 @@ def _combine_lora(members, rules, dtype):
         return out, LayerReport("", "", (out_ch, down.shape[1]), total, err / norm if norm > 0 else 0.0, None, norm,
                                 "exact concatenation")
     rule = rules[1] if kernel and math.prod(kernel) > 1 else rules[0]
-    u, s, vh = qr_core_svd(up, down)
+    if plain:  # fp64 QR cores cost O((m + n) R^2): exact rank and spectrum for the lossless rule
+        u, s, vh = qr_core_svd(up.double(), down.double())
+    else:
+        u, s, vh = qr_core_svd(up, down)
     k = choose_rank(s, rule, up.shape[0], down.shape[1])
+    if plain:
+        k = _effective_rank(s, k, up.shape[0], down.shape[1])
     if k == 0:
         return None, None
     total2 = float(s.double().pow(2).sum())
     kept = float(s[:k].double().pow(2).sum()) / total2 if total2 > 0 else 1.0
-    new_up, new_down = _split(u[:, :k], s[:k], vh[:k])
+    new_up, new_down = (t.float() for t in _split(u[:, :k], s[:k], vh[:k]))
     up_c, down_c = new_up.to(dtype), new_down.to(dtype)
     err, norm = product_error(up, down, up_c.float(), down_c.float())
     out = {UP: up_c.reshape(out_ch, k, *ones).contiguous(), DOWN: down_c.reshape(k, *in_shape).contiguous(),
@@ -302,16 +388,23 @@ def _materialise(members, weight, bias):
     return d, db
 
 
-def _refactor_dense(d, rules, dtype):
+FP64_SVD_LIMIT = 1 << 20  # plain output: layers up to this many entries get their SVD in fp64
+
+
+def _refactor_dense(d, rules, dtype, plain=False):
     is_conv = d.dim() > 2 and math.prod(d.shape[2:]) > 1
     rule = rules[1] if is_conv else rules[0]
     out_ch = d.shape[0]
     mat = d.reshape(out_ch, -1)
-    u, s, vh, kept = truncate(mat, rule)
-    k = s.numel()
+    work = mat.double() if plain and mat.numel() <= FP64_SVD_LIMIT else mat
+    u, s, vh, kept = truncate(work, rule)
+    k = _effective_rank(s, s.numel(), *mat.shape) if plain else s.numel()
     if k == 0:
         return None, None
-    up, down = _split(u, s, vh)
+    if k < s.numel():
+        kept *= float(s[:k].double().pow(2).sum() / s.double().pow(2).sum())
+        u, s, vh = u[:, :k], s[:k], vh[:k]
+    up, down = (t.float() for t in _split(u, s, vh))
     up_c, down_c = up.to(dtype), down.to(dtype)
     err = _measure(mat, up_c.float() @ down_c.float())
     ones = (1,) * (d.dim() - 2)
