@@ -155,7 +155,7 @@ def combine(
                 d, db = _materialise(members, weight_tensor, bias_tensor)
                 if svd_mode:
                     out, report = _refactor_dense(d, rules, out_dtype, plain)
-                    if db is not None and float(db.abs().max()) > 0:
+                    if db is not None and not plain and float(db.abs().max()) > 0:  # plain: listed already
                         skipped.append((name, "bias change dropped: a LoRA module cannot carry it"))
                 else:
                     out = {"diff": d.to(out_dtype)}
@@ -215,8 +215,10 @@ def _plain_obstacle(adapter, matched: bool) -> tuple[str, bool] | None:
     if not _base_free(adapter) and not matched:
         return (f"{adapter.algo}{' with DoRA' if adapter.has_dora else ''}: its change depends on the base weight; "
                 "pass the base model to convert it for that base", False)
-    if adapter.changes_bias() or "bias_indices" in adapter.tensors:
-        return f"{adapter.algo}: it also changes the layer's bias (or a sparse residual), which a LoRA pair cannot carry", True
+    if "bias_indices" in adapter.tensors:
+        return f"{adapter.algo}: its sparse residual (bias_indices) is no low-rank pair", True
+    if adapter.changes_bias():
+        return f"{adapter.algo}: it also changes the layer's bias, which a LoRA pair cannot carry", True
     return None
 
 
