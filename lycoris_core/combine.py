@@ -133,7 +133,7 @@ def combine(
                 skipped.append((adapter_file.name, problem))
 
         if plain:
-            groups = _plain_representable(groups, drop_unrepresentable, skipped)
+            groups = _plain_representable(groups, drop_unrepresentable, skipped, base_src is not None)
 
         tensors: dict[str, torch.Tensor] = {}
         layers: list[LayerReport] = []
@@ -203,7 +203,7 @@ def combine(
     return result
 
 
-def _plain_obstacle(adapter, matched: bool) -> tuple[str, bool] | None:
+def _plain_obstacle(adapter, matched: bool, have_base: bool) -> tuple[str, bool] | None:
     """Why a LoRA pair cannot hold this module's change: (reason, whether the weight part can still
     be converted with the rest dropped); None when it can hold all of it."""
     if "diff_m" in adapter.tensors:
@@ -213,8 +213,9 @@ def _plain_obstacle(adapter, matched: bool) -> tuple[str, bool] | None:
             adapter.algo == "full" and "diff" not in adapter.tensors):
         return f"{adapter.algo}: a 1-D change (norm weight or bias) is not a matrix a LoRA pair can factor", False
     if not _base_free(adapter) and not matched:
-        return (f"{adapter.algo}{' with DoRA' if adapter.has_dora else ''}: its change depends on the base weight; "
-                "pass the base model to convert it for that base", False)
+        what = f"{adapter.algo}{' with DoRA' if adapter.has_dora else ''}: its change depends on the base weight; "
+        return what + ("no layer of the base model matches this module" if have_base
+                       else "pass the base model to convert it for that base"), False
     if "bias_indices" in adapter.tensors:
         return f"{adapter.algo}: its sparse residual (bias_indices) is no low-rank pair", True
     if adapter.changes_bias():
@@ -222,7 +223,7 @@ def _plain_obstacle(adapter, matched: bool) -> tuple[str, bool] | None:
     return None
 
 
-def _plain_representable(groups: dict, drop: bool, skipped: list) -> dict:
+def _plain_representable(groups: dict, drop: bool, skipped: list, have_base: bool) -> dict:
     """The groups a plain LoRA file can hold; what it cannot is refused by name (one error listing
     every module) or, with `drop`, left out and listed in `skipped`."""
     kept, problems = {}, []
@@ -230,7 +231,7 @@ def _plain_representable(groups: dict, drop: bool, skipped: list) -> dict:
         keep = []
         for member in members:
             adapter, _, source, matched = member
-            obstacle = _plain_obstacle(adapter, matched)
+            obstacle = _plain_obstacle(adapter, matched, have_base)
             if obstacle is None:
                 keep.append(member)
                 continue

@@ -317,3 +317,24 @@ def test_plain_lora_factors_are_balanced_so_half_precision_keeps_small_and_large
     up, down = result.tensors["m.lora_up.weight"].float(), result.tensors["m.lora_down.weight"].float()
     assert layer.rank == 4 and torch.allclose(up.norm(dim=0), down.norm(dim=1), rtol=2e-3)
     assert layer.rel_error < 1e-3  # fp16 rounding of balanced factors, whatever the delta's scale
+
+
+def test_plain_lora_on_the_command_line(oracle, tmp_path, capsys):
+    from lycoris_core.cli import main
+
+    locon, lokr, dora = oracle("locon").path, oracle("lokr_f4").path, oracle("dora_lora_out").path
+    out = tmp_path / "plain.safetensors"
+    code = main(["combine", f"{locon}:0.5", lokr, "--plain", "--energy", "0.95", "--dtype", "fp16", "--out", str(out)])
+    printed = capsys.readouterr().out.splitlines()
+    assert code == 0 and out.exists()
+    written = load_adapter_file(out).adapters
+    _check_plain_keys({f"{n}.{k}": t for n, a in written.items() for k, t in a.tensors.items()})
+    assert printed[2].startswith("relative error: mean") and "rel. error" in printed[3]
+    # a DoRA input without --base: one line naming the file and the module, exit 1, nothing written
+    refused = tmp_path / "refused.safetensors"
+    code = main(["combine", locon, dora, "--plain", "--out", str(refused)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and not refused.exists()
+    assert "dora_lora_out.safetensors: lycoris_lin (lora with DoRA" in err and "--drop-unrepresentable" in err
+    code = main(["combine", locon, dora, "--plain", "--drop-unrepresentable", "--out", str(refused)])
+    assert code == 0 and "left out" in capsys.readouterr().out
