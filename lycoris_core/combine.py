@@ -41,7 +41,7 @@ from .matching import match_generic
 from .reader import AdapterFile, load_adapter_file
 from .svd import (
     LayerReport, RankRule, choose_rank, error_summary, parse_dtype, product_error, qr_core_svd, rank_summary,
-    truncate,
+    svd_full, truncate,
 )
 
 TOOL = "lycoris_core.combine"
@@ -154,7 +154,8 @@ def combine(
             else:
                 d, db = _materialise(members, weight_tensor, bias_tensor)
                 if svd_mode:
-                    out, report = _refactor_dense(d, rules, out_dtype, plain)
+                    kron = _kronecker_factors(members, d)
+                    out, report = _refactor_dense(d, rules, out_dtype, plain, kron)
                     if db is not None and not plain and float(db.abs().max()) > 0:  # plain: listed already
                         skipped.append((name, "bias change dropped: a LoRA module cannot carry it"))
                 else:
@@ -394,15 +395,59 @@ def _materialise(members, weight, bias):
 FP64_SVD_LIMIT = 1 << 20  # plain output: layers up to this many entries get their SVD in fp64
 
 
-def _refactor_dense(d, rules, dtype, plain=False):
+def _kronecker_factors(members, d):
+    """(w1, w2 unfolded) with weight * gamma folded into w1 when the layer is one LoKr alone, so its
+    delta's (out, in*kh*kw) unfolding is exactly kron(w1, w2.reshape(b, -1)); None otherwise. Checked
+    against the materialised delta `d`, so a layout this does not know falls back to the dense SVD."""
+    if len(members) != 1:
+        return None
+    adapter, weight = members[0][0], members[0][1]
+    if adapter.algo != "lokr" or adapter.has_dora or not _base_free(adapter) or adapter.peft_flat_kron():
+        return None
+    w1 = adapter.w1() * (adapter.scale * weight)
+    w2 = adapter.w2(tuple(d.shape[2:]))
+    w2 = w2.reshape(w2.shape[0], -1)
+    mat = d.reshape(d.shape[0], -1)
+    if (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]) != tuple(mat.shape):
+        return None
+    norm = float(mat.norm())
+    if norm == 0 or float((torch.kron(w1, w2) - mat).norm()) > 1e-5 * norm:
+        return None
+    return w1, w2
+
+
+def _kronecker_truncate(w1, w2, rule, rows, cols):
+    """Top singular triplets of kron(w1, w2) from the SVDs of the factors (fp64): the singular values
+    are all products sa_i * sb_j, the vectors the Kronecker products of the factors' vectors. Exact,
+    and O(a^3 + b^3) instead of an SVD of the whole (out, in) delta: a Flux-size LoKr layer in
+    milliseconds at any rank or energy."""
+    ua, sa, vha = svd_full(w1.double())
+    ub, sb, vhb = svd_full(w2.double())
+    products = torch.outer(sa, sb).reshape(-1)
+    s, order = torch.sort(products, descending=True)
+    k = choose_rank(s, rule, rows, cols)
+    total = float(s.pow(2).sum())
+    kept = float(s[:k].pow(2).sum()) / total if total > 0 else 1.0
+    i, j = order[:k] // sb.numel(), order[:k] % sb.numel()
+    u = (ua[:, i][:, None, :] * ub[:, j][None, :, :]).reshape(rows, k)
+    vh = (vha[i][:, :, None] * vhb[j][:, None, :]).reshape(k, cols)
+    return u, s[:k], vh, min(kept, 1.0)
+
+
+def _refactor_dense(d, rules, dtype, plain=False, kron=None):
     is_conv = d.dim() > 2 and math.prod(d.shape[2:]) > 1
     rule = rules[1] if is_conv else rules[0]
     out_ch = d.shape[0]
     mat = d.reshape(out_ch, -1)
     work = mat.double() if plain and mat.numel() <= FP64_SVD_LIMIT else mat
-    # plain output: 7 power iterations keep a flat spectrum's randomized error within ~0.05 % of
-    # the optimum (2 iterations: up to 0.7 %, measured on 768-3072 wide LoHa deltas)
-    u, s, vh, kept = truncate(work, rule, niter=7 if plain else 2)
+    if kron is not None:
+        u, s, vh, kept = _kronecker_truncate(*kron, rule, *mat.shape)
+        method = "exact svd of the kronecker product"
+    else:
+        # plain output: 7 power iterations keep a flat spectrum's randomized error within ~0.05 % of
+        # the optimum (2 iterations: up to 0.7 %, measured on 768-3072 wide LoHa deltas)
+        u, s, vh, kept = truncate(work, rule, niter=7 if plain else 2)
+        method = "dense svd of the materialised sum"
     k = _effective_rank(s, s.numel(), *mat.shape) if plain else s.numel()
     if k == 0:
         return None, None
@@ -415,4 +460,4 @@ def _refactor_dense(d, rules, dtype, plain=False):
     ones = (1,) * (d.dim() - 2)
     out = {UP: up_c.reshape(out_ch, k, *ones).contiguous(), DOWN: down_c.reshape(k, *d.shape[1:]).contiguous(),
            "alpha": torch.tensor(float(k))}
-    return out, LayerReport("", "", tuple(d.shape), k, err, kept, float(d.norm()), "dense svd of the materialised sum")
+    return out, LayerReport("", "", tuple(d.shape), k, err, kept, float(d.norm()), method)

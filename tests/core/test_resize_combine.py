@@ -173,7 +173,12 @@ STACKS = {
     "tucker": [("locon_tucker", 0.7), ("loha_tucker", 1.0), ("lokr_tucker", 0.7)],
     "scalars+full-factor lokr": [("lora_scalar", 1.0), ("rs_lokr", 0.7), ("lokr_full_matrix", 1.0)],
     "half precision": [("lora_fp16", 1.0), ("loha_fp16", 0.7), ("lokr_fp16", 0.7)],
+    # alone, a LoKr whose w2 is stored flat does not say a conv's kernel size: the base model does
+    "one lokr with base (kronecker svd)": [("lokr_f4", 0.7)],
+    "one tucker lokr (kronecker svd)": [("lokr_tucker", 1.0)],
 }
+LOKR_CASES = ["lokr_f4", "lokr_default", "lokr_tucker", "lokr_full_matrix", "rs_lokr", "lokr_decompose_both",
+              "lokr_unbalanced", "lokr_bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +218,8 @@ def _check_plain_keys(tensors):
 def test_plain_lora_at_full_rank_reproduces_the_stack_in_lycoris(oracle, tmp_path, stack):
     cases, truth = _stack_truth(oracle, STACKS[stack])
     out = tmp_path / "plain.safetensors"
-    result = combine([(oc.path, w) for oc, w in cases], out, plain=True, dtype="fp32")
+    base = cases[0][0].base_state_dict if "with base" in stack else None
+    result = combine([(oc.path, w) for oc, w in cases], out, plain=True, dtype="fp32", base=base)
     written = load_adapter_file(out)
     _check_plain_keys({f"{n}.{k}": t for n, a in written.adapters.items() for k, t in a.tensors.items()})
     assert result.metadata["lycoris_pack.output"] == "plain lora" and not result.skipped
@@ -338,3 +344,26 @@ def test_plain_lora_on_the_command_line(oracle, tmp_path, capsys):
     assert "dora_lora_out.safetensors: lycoris_lin (lora with DoRA" in err and "--drop-unrepresentable" in err
     code = main(["combine", locon, dora, "--plain", "--drop-unrepresentable", "--out", str(refused)])
     assert code == 0 and "left out" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rule", [dict(rank=3), dict(mode="energy", value=0.8), dict()])
+@pytest.mark.parametrize("case_id", LOKR_CASES)
+def test_plain_lora_of_a_lokr_is_the_optimal_truncation(oracle, case_id, rule):
+    """A lone LoKr layer is factored through the SVDs of w1 and w2 (never the whole delta's): its
+    error must be the optimal one, sqrt(sum of the dropped sigma^2) / ||delta||, from the dense SVD."""
+    source = load_adapter_file(oracle(case_id).path)
+    result = combine([(source, 0.6)], plain=True, dtype="fp32", **rule)
+    written = decode_tensors(result.tensors)
+    assert {layer.method for layer in result.layers} == {"exact svd of the kronecker product"}
+    for layer in result.layers:
+        adapter = source.adapters[layer.name]
+        target = 0.6 * adapter.delta(torch.zeros(layer.shape))
+        s = torch.linalg.svdvals(target.reshape(target.shape[0], -1).double())
+        optimal = float(s[layer.rank:].norm() / s.norm())
+        stored = written.adapters[layer.name].delta(torch.zeros(layer.shape))
+        measured = float((stored - target).norm() / target.norm())
+        assert measured == pytest.approx(optimal, rel=1e-3, abs=2e-6), layer.name
+        assert layer.rel_error == pytest.approx(measured, rel=1e-3, abs=1e-6)
+        if rule.get("mode") == "energy":  # the smallest rank that keeps the share
+            energy = torch.cumsum(s * s, 0) / float((s * s).sum())
+            assert layer.rank == int((energy < 0.8 - 1e-9).sum()) + 1
