@@ -59,9 +59,20 @@ def _base_free(adapter) -> bool:
     return adapter.additive and not adapter.delta_uses_weight and not adapter.has_dora
 
 
+def _product_loha(adapter) -> bool:
+    """A LoHa whose delta is exactly the rank-r1*r2 product `LoHa.product_factors` (not Tucker)."""
+    return (adapter.algo == "loha" and not adapter.tucker and not adapter.has_dora
+            and not adapter.changes_bias() and "bias_indices" not in adapter.tensors)
+
+
 def _factors(adapter, weight: float):
     """(up (O, r) with weight * gamma folded in, down (r, I*k...) flat, kernel) of a plain LoRA;
-    a Tucker `lora_mid` is folded into down: down'[a, i, ...] = sum_b mid[a, b, ...] down[b, i]."""
+    a Tucker `lora_mid` is folded into down: down'[a, i, ...] = sum_b mid[a, b, ...] down[b, i].
+    A non-Tucker LoHa gives its exact rank-r1*r2 factors (row-wise Khatri-Rao products); its
+    flat factors do not say a conv's kernel size (kernel ())."""
+    if adapter.algo == "loha":
+        up, down = adapter.product_factors(torch.float32)
+        return up * weight, down, ()
     up = flat(adapter.t(UP)) * (weight * adapter.scale)
     down = adapter.t(DOWN)
     mid = adapter.t(MID)
@@ -147,8 +158,10 @@ def combine(
                 weight_tensor = base_src.tensor(key)
                 bias_key = key[: -len("weight")] + "bias"
                 bias_tensor = base_src.tensor(bias_key) if bias_key in base_src else None
-            if all(_plain_lora(a) for a, *_ in members):
-                out, report = _combine_lora(members, rules, out_dtype, plain)
+            if all(_plain_lora(a) or (svd_mode and _product_loha(a)) for a, *_ in members):
+                # SVD of factors, never of the (out, in) delta: LoRA ranks and LoHa's r1*r2 products
+                kernel = tuple(weight_tensor.shape[2:]) if weight_tensor is not None else None
+                out, report = _combine_lora(members, rules, out_dtype, plain, kernel)
             elif not svd_mode and len(members) == 1 and _foldable(members[0][0], members[0][1]):
                 out, report = _fold_single(members[0][0], members[0][1], out_dtype)
             else:
@@ -262,14 +275,16 @@ def _effective_rank(s: torch.Tensor, k: int, rows: int, cols: int) -> int:
     return min(k, int((s > tolerance).sum()))
 
 
-def _combine_lora(members, rules, dtype, plain=False):
+def _combine_lora(members, rules, dtype, plain=False, kernel=None):
+    """`kernel`: the layer's kernel size where the base model tells it (else read from the factors)."""
     parts = [_factors(a, w) for a, w, *_ in members]
     rows = {p[0].shape[0] for p in parts}
     cols = {p[1].shape[1] for p in parts}
     if len(rows) > 1 or len(cols) > 1:
         shapes = ", ".join(f"{m[2]}: {list(m[0].expected_shape() or ())}" for m in members)
         raise members[0][0].error(f"the inputs disagree on this layer's shape ({shapes}); cannot combine")
-    kernel = parts[0][2]
+    if kernel is None:
+        kernel = next((p[2] for p in parts if p[2]), ())
     conv_dims = len(kernel)
     ones = (1,) * conv_dims
     out_ch = parts[0][0].shape[0]

@@ -176,9 +176,14 @@ STACKS = {
     # alone, a LoKr whose w2 is stored flat does not say a conv's kernel size: the base model does
     "one lokr with base (kronecker svd)": [("lokr_f4", 0.7)],
     "one tucker lokr (kronecker svd)": [("lokr_tucker", 1.0)],
+    "locon+lohas (factor svd)": [("locon", 0.7), ("loha", 1.0), ("rs_loha", 0.7)],
 }
-LOKR_CASES = ["lokr_f4", "lokr_default", "lokr_tucker", "lokr_full_matrix", "rs_lokr", "lokr_decompose_both",
-              "lokr_unbalanced", "lokr_bf16"]
+KRONECKER = "exact svd of the kronecker product"
+FACTORS = "qr-core svd of the concatenated factors"
+# a lone layer's route: LoKr through the SVDs of w1 and w2, non-Tucker LoHa through its r1*r2 factors
+ALONE = {**{c: KRONECKER for c in ("lokr_f4", "lokr_default", "lokr_tucker", "lokr_full_matrix", "rs_lokr",
+                                   "lokr_decompose_both", "lokr_unbalanced", "lokr_bf16")},
+         **{c: FACTORS for c in ("loha", "loha_scalar", "rs_loha", "loha_fp16")}}
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +231,8 @@ def test_plain_lora_at_full_rank_reproduces_the_stack_in_lycoris(oracle, tmp_pat
     assert {layer.name for layer in result.layers} == {r.lora_name for r, _ in truth.values()}
     for layer in result.layers:
         assert layer.rel_error < 1e-5 and layer.energy_kept == pytest.approx(1.0, abs=1e-9)
+        if "factor svd" in stack:
+            assert layer.method == FACTORS
     for layer_path, (record, expected) in truth.items():
         y = _lycoris_forward(str(out), cases[0][0], layer_path, record.x)
         assert lo.rel_error(y, expected, record.y_base) < 1e-4, layer_path
@@ -347,14 +354,14 @@ def test_plain_lora_on_the_command_line(oracle, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("rule", [dict(rank=3), dict(mode="energy", value=0.8), dict()])
-@pytest.mark.parametrize("case_id", LOKR_CASES)
-def test_plain_lora_of_a_lokr_is_the_optimal_truncation(oracle, case_id, rule):
-    """A lone LoKr layer is factored through the SVDs of w1 and w2 (never the whole delta's): its
-    error must be the optimal one, sqrt(sum of the dropped sigma^2) / ||delta||, from the dense SVD."""
+@pytest.mark.parametrize("case_id", list(ALONE))
+def test_plain_lora_of_a_lone_lokr_or_loha_is_the_optimal_truncation(oracle, case_id, rule):
+    """A lone LoKr / LoHa layer never goes through an SVD of its whole delta (see ALONE): its error
+    must still be the optimal one, sqrt(sum of the dropped sigma^2) / ||delta||, from the dense SVD."""
     source = load_adapter_file(oracle(case_id).path)
     result = combine([(source, 0.6)], plain=True, dtype="fp32", **rule)
     written = decode_tensors(result.tensors)
-    assert {layer.method for layer in result.layers} == {"exact svd of the kronecker product"}
+    assert {layer.method for layer in result.layers} == {ALONE[case_id]}
     for layer in result.layers:
         adapter = source.adapters[layer.name]
         target = 0.6 * adapter.delta(torch.zeros(layer.shape))
