@@ -7,9 +7,11 @@ Why it is done this way (reference/utilities.md 3):
   inputs keep a block-diagonal `lora_mid` when all inputs of a layer are Tucker, otherwise their
   `lora_mid` is folded into the down factor (exact). Layers that cannot be concatenated (LoHa,
   LoKr, ... met by another input) are materialised into an exact full `diff`.
-- SVD mode (target rank or rule): LoRA-only layers go through the QR-core SVD of the concatenated
-  factors (exact top-k of the sum, never forming out x in); anything else is materialised from
-  each algorithm's own delta and re-factorised.
+- SVD mode (target rank or rule): LoRA and (non-Tucker) LoHa layers go through the QR-core SVD of
+  the concatenated factors (a LoHa is exactly a rank-r1*r2 product of row-wise Khatri-Rao factors),
+  the exact top-k of the sum without forming out x in; a LoKr alone on its layer through the SVDs
+  of w1 and w2 (the singular values of a Kronecker product are the products of the factors'); the
+  rest is materialised from each algorithm's own delta and re-factorised by a dense SVD.
 Deltas of DoRA / GLoRA / OFT / BOFT / IA3 / T-LoRA depend on the base weight: they need `base`
 (a state dict or safetensors path), otherwise the module is refused by name.
 
