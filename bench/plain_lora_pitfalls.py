@@ -167,6 +167,18 @@ def main():
             # applying alpha / dim (alpha 1, linear_dim 10000 in the metadata) shrinks the change
             print(f"{name:<10} {'alpha / dim applied to a full-factor LoKr (alpha 1, dim 10000)':<78} "
                   f"{rel(truth, truth * 1e-4):.4f}")
+    # fused q/k/v (Flux's qkv, Nunchaku's qkv_proj): three rank-r LoRAs on the slices of one weight
+    r = 16
+    ups = [spectral(gen, n // 4, r, args.decay) for _ in range(3)]
+    downs = [spectral(gen, r, n // 4, args.decay) for _ in range(3)]
+    fused = torch.cat([u @ d for u, d in zip(ups, downs)], 0)
+    exact_up = torch.block_diag(*ups)  # (3 out, 3r): each slice's rows see only its own ranks
+    exact_down = torch.cat(downs, 0)
+    print(f"{'fused qkv':<10} {'slices as block-diagonal up + stacked down, rank %d' % (3 * r):<78} "
+          f"{rel(fused, exact_up @ exact_down):.4f}")
+    print(f"{'fused qkv':<10} {'SVD of the fused delta cut to one slice rank (%d)' % r:<78} {rel(fused, _trunc(fused, r)):.4f}")
+    shared = torch.cat(ups, 0) @ (sum(downs) / 3)
+    print(f"{'fused qkv':<10} {'ups stacked over one averaged down':<78} {rel(fused, shared):.4f}")
     conv = spectral(gen, 320, 320 * 9, args.decay).reshape(320, 320, 3, 3) * 1e-3
     for _, what, err in conv_rows(conv, args.rank):
         print(f"{'conv 3x3':<10} {what:<78} {err:.4f}")
