@@ -128,8 +128,10 @@ def combine(
             rules = (RankRule(mode, value, rank), RankRule(mode, value, conv_rank if conv_rank is not None else rank))
     out_dtype = parse_dtype(dtype)
     if out_dtype is None:
+        # the first input's factor dtype: its largest floating tensor (alpha is often fp32 beside fp16 factors)
         first = next(iter(files[0][0].adapters.values()))
-        out_dtype = next((t.dtype for t in first.tensors.values() if t.is_floating_point()), torch.float32)
+        floats = [t for t in first.tensors.values() if t.is_floating_point()]
+        out_dtype = max(floats, key=lambda t: t.numel()).dtype if floats else torch.float32
 
     base_src = TensorSource(base, "base") if base is not None else None
     try:

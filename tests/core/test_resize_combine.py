@@ -332,6 +332,15 @@ def test_plain_lora_factors_are_balanced_so_half_precision_keeps_small_and_large
     assert layer.rel_error < 1e-3  # fp16 rounding of balanced factors, whatever the delta's scale
 
 
+def test_plain_lora_writes_the_inputs_factor_dtype_by_default():
+    gen = torch.Generator().manual_seed(9)
+    t = {"m.alpha": torch.tensor(2.0), "m.lora_up.weight": torch.randn(12, 4, generator=gen).half(),
+         "m.lora_down.weight": torch.randn(4, 10, generator=gen).half()}  # alpha first, in fp32
+    result = combine([(decode_tensors(t, path="half"), 1.0)], plain=True)
+    assert result.tensors["m.lora_up.weight"].dtype == torch.float16
+    assert result.metadata["lycoris_pack.dtype"] == "float16"
+
+
 def test_plain_lora_on_the_command_line(oracle, tmp_path, capsys):
     from lycoris_core.cli import main
 
