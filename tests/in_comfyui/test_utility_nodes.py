@@ -92,6 +92,30 @@ def test_combine_node_writes_a_plain_lora_that_comfyuis_own_lora_loader_takes(pa
         assert float(error / change) < tolerance, key
 
 
+def test_combine_node_plain_lora_of_a_dora_needs_the_base_model(pack, loras):
+    """DoRA renormalises by the base weight: refused by name without `model`, exact for that model with it."""
+    from lycoris_pack.lycoris_core import load_adapter_file, merge_into_state_dict
+
+    model = tiny_sd15()
+    root = model.model.diffusion_model
+    lycoris_file(root, loras / "d.safetensors", "lora_unet_", "lora", seed=3, dora_wd=True)
+    node = _node(pack, "LycorisCombine")
+    with pytest.raises(ValueError, match=r"d\.safetensors: lora_unet_\S+ \(lora with DoRA.*base"):
+        node.run("d.safetensors", 1.0, "none", 1.0, "none", 1.0, 0, "dplain", output="plain lora")
+    assert not (loras / "dplain.safetensors").exists()
+    node.run("d.safetensors", 0.7, "none", 1.0, "none", 1.0, 0, "dplain", output="plain lora", dtype="fp32",
+             model=model)
+    base = {k: v.detach().clone() for k, v in root.state_dict().items()}
+    plain = load_adapter_file(loras / "dplain.safetensors")
+    assert {a.algo for a in plain.adapters.values()} == {"lora"} and not any(a.has_dora for a in plain.adapters.values())
+    ours, _ = merge_into_state_dict(base, [(plain, 1.0)])
+    expected, _ = merge_into_state_dict(base, [(load_adapter_file(loras / "d.safetensors"), 0.7)])
+    changed = [k for k in base if not torch.equal(expected[k], base[k])]
+    assert changed
+    for key in changed:
+        assert float((ours[key] - expected[key]).norm() / (expected[key] - base[key]).norm()) < 1e-5, key
+
+
 def test_dylora_slice_node_names_its_alpha_policy(pack, loras):
     from lycoris_pack.lycoris_core import load_adapter_file
 
