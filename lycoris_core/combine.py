@@ -170,17 +170,18 @@ def combine(
                 out, report = _fold_single(members[0][0], members[0][1], out_dtype)
             else:
                 d, db = _materialise(members, weight_tensor, bias_tensor)
-                if svd_mode:
+                if svd_mode and d.dim() >= 2:
                     kron = _kronecker_factors(members, d)
                     out, report = _refactor_dense(d, rules, out_dtype, plain, kron)
                     if db is not None and not plain and float(db.abs().max()) > 0:  # plain: listed already
                         skipped.append((name, "bias change dropped: a LoRA module cannot carry it"))
-                else:
+                else:  # exact mode, or a 1-D change (norm weight) no LoRA pair holds: kept whole, it is small
                     out = {"diff": d.to(out_dtype)}
                     if db is not None:
                         out["diff_b"] = db.to(out_dtype)
                     report = LayerReport("", "", tuple(d.shape), None, _measure(d, out["diff"].float()), None,
-                                         float(d.norm()), "materialised full diff")
+                                         float(d.norm()), "materialised full diff" if not svd_mode
+                                         else "1-D change kept whole (diff)")
             if out is None:
                 skipped.append((name, "rank 0 under the rule: module dropped"))
                 continue

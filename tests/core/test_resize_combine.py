@@ -383,3 +383,15 @@ def test_plain_lora_of_a_lone_lokr_or_loha_is_the_optimal_truncation(oracle, cas
         if rule.get("mode") == "energy":  # the smallest rank that keeps the share
             energy = torch.cumsum(s * s, 0) / float((s * s).sum())
             assert layer.rank == int((energy < 0.8 - 1e-9).sum()) + 1
+
+
+def test_svd_combine_keeps_norm_changes_whole(oracle):
+    """A LoRA pair cannot hold a norm layer's 1-D change: SVD mode keeps it (and its bias) as `diff`, exactly."""
+    oc = oracle("norms")
+    result = combine([(oc.path, 0.7)], rank=4, dtype="fp32")
+    written = decode_tensors(result.tensors)
+    assert {a.algo for a in written.adapters.values()} == {"lora", "full"}
+    merged, _ = merge_into_state_dict(oc.base_state_dict, [(written, 1.0)])
+    for path, record in oc.layers.items():
+        if written.adapters[record.lora_name].algo == "full":
+            assert lo.rel_error(lo.layer_output(record, merged), record.y[0.7], record.y_base) < 1e-5, path
