@@ -198,7 +198,10 @@ def combine(
     only_lora = all(k.endswith((UP, DOWN, MID, ".alpha")) for k in tensors)
     if plain and not all(k.endswith((UP, DOWN, ".alpha")) for k in tensors):
         raise AssertionError("plain LoRA output holds other keys")  # a bug, never the input's fault
-    one_rank = svd_mode and mode == "fixed" and len({l.rank for l in layers}) <= 1
+    # kohya's ss_network_dim is the Linear rank (convs in ss_network_args); plain output may cut a
+    # layer below it (numerically zero components), then the file says "Dynamic"
+    one_rank = svd_mode and mode == "fixed" and (
+        not plain or {l.rank for l in layers} <= {rank, rank if conv_rank is None else conv_rank})
     meta = {
         "ss_network_module": "networks.lora" if only_lora else "lycoris.kohya",
         "ss_network_dim": str(rank) if one_rank else "Dynamic",
