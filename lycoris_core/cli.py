@@ -255,15 +255,19 @@ def cmd_combine(args) -> int:
     if args.base:
         check_input(args.base, "--base")
     check_output(args.out, {"input": [p for p, _ in inputs], "--base": args.base}, args.overwrite)
-    result = combine(inputs, None, rank=args.rank, conv_rank=args.conv_rank, mode=args.mode, value=args.value,
-                     base=args.base, dtype=args.dtype, progress=Progress("combine"))
+    mode, value = ("energy", args.energy) if args.energy is not None else (args.mode, args.value)
+    if args.drop_unrepresentable and not args.plain:
+        raise ValueError("--drop-unrepresentable goes with --plain")
+    result = combine(inputs, None, rank=args.rank, conv_rank=args.conv_rank, mode=mode, value=value,
+                     base=args.base, dtype=args.dtype, plain=args.plain,
+                     drop_unrepresentable=args.drop_unrepresentable, progress=Progress("combine"))
     dense = [layer for layer in result.layers if layer.method == "materialised full diff"]
-    if dense and args.rank is None and args.mode == "fixed":
+    if dense and args.rank is None and mode == "fixed":
         raise ValueError(
             f"combining these files exactly would store {len(dense)} layers as dense full-size weights "
-            f"(e.g. {dense[0].name}: {dense[0].source} are of families that cannot be concatenated); add --rank N "
-            "to re-factorise every layer to a LoRA of rank N: "
-            + _command("combine", *args.files, "--rank", "N", "--out", args.out))
+            f"(e.g. {dense[0].name}: {dense[0].source} are of families that cannot be concatenated); add --plain "
+            "for a lossless plain LoRA, or --plain --rank N for one of rank N: "
+            + _command("combine", *args.files, "--plain", "--rank", "N", "--out", args.out))
     result.save(args.out)
     _report(result, args.out)
     return 0
@@ -330,6 +334,14 @@ def add_utility_commands(sub) -> None:
     p.add_argument("--conv-rank", type=int, help="rank of k x k convs in SVD mode (default: --rank)")
     p.add_argument("--mode", choices=MODES, default="fixed", help="rank rule in SVD mode")
     p.add_argument("--value", type=float, help="value of --mode")
+    p.add_argument("--energy", type=float, help="keep this share of each layer's squared Frobenius norm "
+                   "(= --mode energy --value X; --rank then caps)")
+    p.add_argument("--plain", action="store_true",
+                   help="write a plain LoRA (lora_up/lora_down/alpha only) whatever the inputs' algorithms, for "
+                        "runtimes that take only LoRA; default rule: lossless (--energy 1.0)")
+    p.add_argument("--drop-unrepresentable", action="store_true",
+                   help="with --plain: leave out (and list) what a LoRA cannot hold (norm/bias changes, "
+                        "weight-dependent modules without --base) instead of refusing")
     p.add_argument("--base", help="base model: needed for DoRA/GLoRA/OFT/BOFT/IA3 inputs")
     p.add_argument("--dtype", choices=sorted(OUT_DTYPES), help="output dtype (default: the first input's)")
     p.set_defaults(run=cmd_combine)

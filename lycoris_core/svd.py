@@ -150,11 +150,12 @@ def svd_topk(a: torch.Tensor, k: int, *, niter: int = 2) -> tuple[torch.Tensor, 
     return u[:, :k], s[:k], vh[:k]
 
 
-def truncate(a: torch.Tensor, rule: RankRule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def truncate(a: torch.Tensor, rule: RankRule, *, niter: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """(U_k, S_k, Vh_k, kept energy share) for matrix `a` under `rule`.
 
-    Fixed ranks use `svd_topk`; rules that read the spectrum use the full reduced SVD. The energy
-    share is sum(S_k^2) / ||a||_F^2 (exact for both paths, see `svd_topk`).
+    Fixed ranks use `svd_topk` (`niter` power iterations: 2 is within ~0.7 % of the optimal error
+    on flat spectra, 7 within ~0.05 %); rules that read the spectrum use the full reduced SVD. The
+    energy share is sum(S_k^2) / ||a||_F^2 (exact for both paths, see `svd_topk`).
     """
     m, n = a.shape
     total = float(torch.linalg.vector_norm(a)) ** 2  # fp32 norm: no fp64 copy of a big matrix
@@ -163,7 +164,7 @@ def truncate(a: torch.Tensor, rule: RankRule) -> tuple[torch.Tensor, torch.Tenso
         k = choose_rank(s, rule, m, n)
         u, s, vh = u[:, :k], s[:k], vh[:k]
     else:
-        u, s, vh = svd_topk(a, rule.fixed_rank(m, n))
+        u, s, vh = svd_topk(a, rule.fixed_rank(m, n), niter=niter)
     kept = float(s.double().pow(2).sum()) / total if total > 0 else 1.0
     return u, s, vh, min(kept, 1.0)
 

@@ -157,10 +157,16 @@ class LycorisDyLoRASlice(ReportNode):
             _output(output_name), title))
 
 
+COMBINE_OUTPUTS = ["lycoris", "plain lora"]
+COMBINE_DTYPES = ["inputs", "fp16", "bf16", "fp32"]
+
+
 class LycorisCombine(ReportNode):
-    DESCRIPTION = ("Combines up to three adapters with weights into one file: exact rank concatenation for the "
-                   "LoRA family (rank 0), or an SVD re-factorisation of the summed deltas to `rank`.")
-    OUTPUT_TOOLTIPS = ("Per-layer ranks and relative errors of the combined file.",)
+    DESCRIPTION = ("Combines adapters with weights into one file: exact rank concatenation for the LoRA family "
+                   "(rank 0), or an SVD re-factorisation of the summed deltas to `rank` / a kept `energy`. "
+                   "output 'plain lora' writes only lora_up/lora_down/alpha whatever the inputs' algorithms "
+                   "(LoHa, LoKr, Tucker...), for runtimes that take only LoRA such as Nunchaku's SVDQuant models.")
+    OUTPUT_TOOLTIPS = ("Per-layer ranks and relative errors of the combined file, worst layers first.",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -170,26 +176,52 @@ class LycorisCombine(ReportNode):
             adapters[f"lycoris_name_{i}"] = ([NONE] + names, dict(options, default=names[0] if names else NONE))
         return {"required": {
             **adapters,
-            "rank": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip": "0: exact (ranks add up); otherwise "
-                             "every layer is re-factorised to this rank by SVD."}),
+            "rank": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip": "0: exact (ranks add up; with output "
+                             "'plain lora': lossless, each layer at its own numerical rank); otherwise every layer "
+                             "is re-factorised to this rank by SVD (with energy < 1: the largest rank allowed)."}),
             "output_name": OUTPUT_NAME,
         }, "optional": {
             "lora_stack": ("LORA_STACK", {"tooltip": "More adapters, from Load LyCORIS Stack or another pack's "
                            "stack: each entry's strength_model is its weight (one weight per file: strength_clip "
                            "is not used). Combined after the files chosen here."}),
+            "output": (COMBINE_OUTPUTS, {"default": "lycoris", "tooltip": "lycoris: keep each algorithm where "
+                       "that is exact. plain lora: every layer as a LoRA/LoCon pair (lora_up, lora_down, alpha = "
+                       "rank), for loaders that take only LoRA (Nunchaku SVDQuant, sd-scripts tools); balanced "
+                       "factors, SVD in fp32/fp64, the error of every layer reported after rounding."}),
+            "energy": ("FLOAT", {"default": 1.0, "min": 0.001, "max": 1.0, "step": 0.001, "tooltip": "Below 1: "
+                       "each layer keeps the smallest rank whose singular values hold this share of its squared "
+                       "Frobenius norm (relative error <= sqrt(1 - energy)); `rank`, if not 0, caps it."}),
+            "dtype": (COMBINE_DTYPES, {"default": "inputs", "tooltip": "Dtype of the written factors (inputs: the "
+                      "first input's). The reported errors are measured after rounding to it."}),
+            "drop_unrepresentable": ("BOOLEAN", {"default": False, "tooltip": "plain lora: leave out (and list in "
+                                     "the report) what a LoRA pair cannot hold: norm and bias changes, and "
+                                     "DoRA/OFT/BOFT/IA3/GLoRA layers when no base model is connected. Off: refuse "
+                                     "by name."}),
+            "model": ("MODEL", {"tooltip": "The base model as loaded (no adapters applied): converts DoRA / OFT / "
+                      "BOFT / IA3 / GLoRA inputs, whose change depends on the base weight, exactly for this model."}),
+            "clip": ("CLIP", {"tooltip": "The base text encoder, for the same inputs' text-encoder layers."}),
         }}
 
     def run(self, lycoris_name_1, weight_1, lycoris_name_2, weight_2, lycoris_name_3, weight_3, rank, output_name,
-            lora_stack=None):
+            lora_stack=None, output="lycoris", energy=1.0, dtype="inputs", drop_unrepresentable=False, model=None,
+            clip=None):
         title = "LyCORIS combine"
         inputs = [(lycoris_name_1, weight_1), (lycoris_name_2, weight_2), (lycoris_name_3, weight_3)]
         inputs = [(_adapter_path(name), weight) for name, weight in inputs if name != NONE]
         stacked = rows_from_lora_stack(lora_stack, title)
         inputs += [(resolve_adapter(row.lora_name), row.strength_model) for row in stacked]
-        if len(inputs) < 2:
-            raise ValueError(f"{title}: choose at least two adapters (files here or entries of lora_stack)")
-        return _run(title, lambda: _finish(combine(inputs, rank=rank or None, progress=_progress()),
-                                           _output(output_name), title))
+        plain = output == "plain lora"
+        if len(inputs) < (1 if plain else 2):
+            raise ValueError(f"{title}: choose at least {'one adapter' if plain else 'two adapters'} "
+                             "(files here or entries of lora_stack)")
+        if output not in COMBINE_OUTPUTS:
+            raise ValueError(f"{title}: output must be one of {COMBINE_OUTPUTS}, got {output!r}")
+        mode, value = ("energy", float(energy)) if energy < 1.0 else ("fixed", None)
+        base = PatchedWeights(checkpoint_names(model, clip)) if (model is not None or clip is not None) else None
+        return _run(title, lambda: _finish(combine(
+            inputs, rank=rank or None, mode=mode, value=value, base=base,
+            dtype=None if dtype == "inputs" else dtype, plain=plain, drop_unrepresentable=drop_unrepresentable,
+            progress=_progress()), _output(output_name), title))
 
 
 class LycorisExtract(ReportNode):

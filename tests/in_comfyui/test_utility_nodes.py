@@ -53,6 +53,69 @@ def test_combine_node_is_exact_by_concatenation(pack, loras):
         torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_combine_node_writes_a_plain_lora_that_comfyuis_own_lora_loader_takes(pack, loras, dtype):
+    """LoKr + LoHa -> 'plain lora': every key is one ComfyUI's LoraLoader applies as a LoRA patch (the only
+    kind Nunchaku's SVDQuant patchers accept), and the patched weights are the two inputs' at full rank."""
+    import comfy.sd
+    import comfy.utils
+    from lycoris_pack.lycoris_core import load_adapter_file, merge_into_state_dict
+    from lycoris_pack.nodes.weights import patched_weight
+
+    model = tiny_sd15()
+    root = model.model.diffusion_model
+    lycoris_file(root, loras / "k.safetensors", "lora_unet_", "lokr", seed=1, factor=4)
+    lycoris_file(root, loras / "h.safetensors", "lora_unet_", "loha", seed=2)
+    out = _node(pack, "LycorisCombine").run("k.safetensors", 0.8, "none", 1.0, "none", 1.0, 0, "plain",
+                                            lora_stack=[("h.safetensors", -0.5, 1.0)], output="plain lora",
+                                            dtype=dtype)
+    report = out["result"][0]
+    tensors = comfy.utils.load_torch_file(str(loras / "plain.safetensors"), safe_load=True)
+    assert all(k.endswith((".lora_up.weight", ".lora_down.weight", ".alpha")) for k in tensors), report
+    assert {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")} == {getattr(torch, {"fp32": "float32",
+                                                                                            "fp16": "float16"}[dtype])}
+    assert "relative error: mean" in report and "rank min" in report
+    theirs, _ = comfy.sd.load_lora_for_models(model, None, tensors, 1.0, 0)
+    modules = load_adapter_file(loras / "plain.safetensors").adapters
+    assert len(theirs.patches) == len(modules) > 0  # nothing "not loaded"
+    for entries in theirs.patches.values():
+        adapter = entries[-1][1]
+        assert (adapter[0] if isinstance(adapter, tuple) else type(adapter).__name__) in ("lora", "LoRAAdapter")
+    base = {k: v.detach().clone() for k, v in root.state_dict().items()}
+    expected, _ = merge_into_state_dict(base, [(load_adapter_file(loras / "k.safetensors"), 0.8),
+                                               (load_adapter_file(loras / "h.safetensors"), -0.5)])
+    tolerance = 1e-5 if dtype == "fp32" else 2e-3  # the report's own bound after rounding to fp16
+    for key in theirs.patches:
+        inner = key[len("diffusion_model."):]
+        change = (expected[inner] - base[inner]).norm()
+        error = (patched_weight(theirs, key).float() - expected[inner]).norm()
+        assert float(error / change) < tolerance, key
+
+
+def test_combine_node_plain_lora_of_a_dora_needs_the_base_model(pack, loras):
+    """DoRA renormalises by the base weight: refused by name without `model`, exact for that model with it."""
+    from lycoris_pack.lycoris_core import load_adapter_file, merge_into_state_dict
+
+    model = tiny_sd15()
+    root = model.model.diffusion_model
+    lycoris_file(root, loras / "d.safetensors", "lora_unet_", "lora", seed=3, dora_wd=True)
+    node = _node(pack, "LycorisCombine")
+    with pytest.raises(ValueError, match=r"d\.safetensors: lora_unet_\S+ \(lora with DoRA.*base"):
+        node.run("d.safetensors", 1.0, "none", 1.0, "none", 1.0, 0, "dplain", output="plain lora")
+    assert not (loras / "dplain.safetensors").exists()
+    node.run("d.safetensors", 0.7, "none", 1.0, "none", 1.0, 0, "dplain", output="plain lora", dtype="fp32",
+             model=model)
+    base = {k: v.detach().clone() for k, v in root.state_dict().items()}
+    plain = load_adapter_file(loras / "dplain.safetensors")
+    assert {a.algo for a in plain.adapters.values()} == {"lora"} and not any(a.has_dora for a in plain.adapters.values())
+    ours, _ = merge_into_state_dict(base, [(plain, 1.0)])
+    expected, _ = merge_into_state_dict(base, [(load_adapter_file(loras / "d.safetensors"), 0.7)])
+    changed = [k for k in base if not torch.equal(expected[k], base[k])]
+    assert changed
+    for key in changed:
+        assert float((ours[key] - expected[key]).norm() / (expected[key] - base[key]).norm()) < 1e-5, key
+
+
 def test_dylora_slice_node_names_its_alpha_policy(pack, loras):
     from lycoris_pack.lycoris_core import load_adapter_file
 
