@@ -19,6 +19,7 @@ whatever the tokens). Both leave the stored weight untouched and give the merge'
 
 from __future__ import annotations
 
+import logging
 import math
 import types
 import weakref
@@ -52,6 +53,7 @@ except ImportError:  # the pinned March-2024 runtime
     PatcherInjection = None
 
 INJECTION_KEY = "lycoris_bypass"
+PROBE_CALLS = 2  # model calls after a load in which bypass checks that every adapted layer ran
 _FORWARD_SLOT = "_lycoris_bypass_forward"  # where a layer keeps its BypassForward between plans
 
 
@@ -132,6 +134,8 @@ class BypassForward:
                 return torch.cat([self._run(part, entries, staged, i, args, kwargs, False)
                                   for i, part in enumerate(x.chunk(chunks))])
             return self._run(x, entries, staged, None, args, kwargs, False)
+        if self.plan.ran is not None:  # the plan checks which layers ran their adapters (eager only)
+            self.plan.ran.add(self.path)
         rows = staged.host if chunks else (staged.host,)
         live = [e for e in entries if any(row[e[3]] != 0 for row in rows)]  # strength 0 all call: skipped
         if not live:
@@ -388,7 +392,10 @@ class BypassPlan:
         self.rows_vary = any(isinstance(v, ScheduledStrength) and v.rows_vary for v in self.values)
         self.uses_timestep = any(a.algo == "tlora" for entries in layers.values() for a, _, _ in entries)
         self.geometries: dict = {}  # path -> LayerGeometry, recorded by the forwards
+        self.ran = None  # layers whose forward ran, while the first model calls are checked
+        self.probe_calls_left = PROBE_CALLS
         self._staged: dict = {}  # device -> Staged
+        self.not_run: list = []  # layers found not to run their forward (see end_probe_call)
         self._installed: dict = {}  # id(module) -> the BypassForward injected there
 
     def extended(self, additions) -> "BypassPlan":
@@ -421,6 +428,23 @@ class BypassPlan:
             state.write(self.values_at(step, steps, chunks))
         if timestep is not None and self.uses_timestep:
             state.timestep.copy_(timestep)
+
+    def end_probe_call(self) -> None:
+        """After a checked model call: once the checked calls are done, say loudly which layers never
+        ran their adapters (a runtime that computes them without calling the layer's forward, such
+        as ComfyUI >= 0.37's fused int8 path, or a model branch these inputs do not take)."""
+        self.probe_calls_left -= 1
+        if self.probe_calls_left > 0 or self.ran is None:
+            return
+        missing = sorted(set(self.layers) - self.ran)
+        self.ran = None
+        if missing:
+            self.not_run = missing
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            logging.warning("LyCORIS bypass: %d of %d layers with adapters did not run their forward in the first "
+                            "%d model calls, so their adapters had no effect there (a ComfyUI that computes them "
+                            "with a fused kernel, or a branch of the model these inputs skip); use mode merge for "
+                            "them: %s", len(missing), len(self.layers), PROBE_CALLS, shown)
 
     def inject(self, patcher) -> None:
         for path in self.layers:

@@ -59,9 +59,16 @@ class PlanCalls:
             timestep = sampling.timestep(t).reshape(-1)[0]
         for plan in self.plans:
             plan.begin_call(x.device, step, steps, chunks, timestep)
-        if self.previous is not None:
-            return self.previous(apply_model, args)
-        return apply_model(x, t, **args["c"])
+        probing = [plan for plan in self.plans if plan.probe_calls_left > 0] if not _compiled(options) else []
+        for plan in probing:
+            plan.ran = set() if plan.ran is None else plan.ran
+        try:
+            if self.previous is not None:
+                return self.previous(apply_model, args)
+            return apply_model(x, t, **args["c"])
+        finally:
+            for plan in probing:
+                plan.end_probe_call()
 
     def _step(self, t, options, sampling):
         """(step, steps) of this call: from the sampler's sigma schedule (`sample_sigmas`, ComfyUI >=
@@ -76,6 +83,12 @@ class PlanCalls:
                             "progress is read from the noise level instead")
         progress = 1.0 - float(sampling.timestep(t).reshape(-1)[0]) / 1000.0
         return min(max(int(progress * 1000), 0), 999), 1000
+
+
+def _compiled(options) -> bool:
+    """Whether core's TorchCompileModel wraps this call (a traced forward records nothing to probe)."""
+    wrappers = options.get("wrappers") or {}
+    return any(isinstance(v, dict) and "torch.compile" in v for v in wrappers.values())
 
 
 def publish_calls(patcher, plans) -> None:

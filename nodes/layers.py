@@ -126,3 +126,16 @@ def geometry(module) -> LayerGeometry:
 
 def is_quantized_tensor(tensor) -> bool:
     return QuantizedTensor is not None and isinstance(tensor, QuantizedTensor)
+
+
+def forward_skipped(module, stored: str | None) -> bool:
+    """Whether this runtime computes the layer without calling its forward, where a bypass could not
+    run: ComfyUI >= 0.37's `comfy.ops.linear_input_act` (a cast and a fused kernel) serves int8
+    tensorwise Linear layers, and every Linear while fp16 accumulation is on."""
+    import comfy.ops
+
+    if getattr(comfy.ops, "linear_input_act", None) is None or getattr(module, "kernel_size", None) is not None:
+        return False
+    fp16_accumulation = getattr(getattr(torch.backends.cuda, "matmul", None), "allow_fp16_accumulation", False)
+    return stored == "int8_tensorwise" or bool(fp16_accumulation)
+

@@ -22,7 +22,7 @@ from .bypass import add_bypass
 from .cast_patches import add_cast_patches, casts_in_forward
 from .call_state import ScheduledStrength, check_schedule_runtime, publish_calls
 from .key_map import build_key_map, is_text_encoder_module, resolve, target_key
-from .layers import geometry, is_weight_layer, logical_weight_shape, module_of, precision, stored_format
+from .layers import forward_skipped, geometry, is_weight_layer, logical_weight_shape, module_of, precision, stored_format
 from .patches import LAZY, diff_patch, embed_slice, lazy_patch
 
 
@@ -36,6 +36,7 @@ class LoadReport:
     bypassed: int = 0
     bypassed_quantized: dict[str, int] = field(default_factory=dict)  # stored format -> layers bypassed
     not_bypassed: list[str] = field(default_factory=list)  # layers bypass was asked for but cannot serve
+    forward_skipped: list[str] = field(default_factory=list)  # layers this ComfyUI computes without their forward
     merged_quantized: dict[str, int] = field(default_factory=dict)  # stored format -> layers merged into it
     targets: dict[str, str] = field(default_factory=dict)  # module -> "model" | "clip"
     scheduled: int = 0  # layers whose strength follows a schedule
@@ -98,6 +99,11 @@ class LoadReport:
             out.append(f"warning: {len(self.not_bypassed)} layers cannot be bypassed (not a Linear/Conv "
                        f"layer, a norm adapter, or rows ComfyUI reorders) and were merged instead"
                        + (" at full strength, unscheduled" if self.schedule else "") + f": {shown}")
+        if self.forward_skipped:
+            shown = ", ".join(self.forward_skipped[:5]) + (", ..." if len(self.forward_skipped) > 5 else "")
+            out.append(f"warning: {len(self.forward_skipped)} layers are computed by this ComfyUI without their "
+                       "forward (fused int8 / fp16-accumulation kernels), where a bypass would do nothing; they were "
+                       "merged instead" + (" at full strength, unscheduled" if self.schedule else "") + f": {shown}")
         rounded = {f: n for f, n in self.merged_quantized.items() if not f.startswith("gguf")}
         if rounded:
             kept = "; ".join(f"{f} keeps {precision(f)}" for f in sorted(rounded))
@@ -198,6 +204,9 @@ def apply_adapter_file(model, clip, adapter_file, strength_model: float, strengt
             quantized = stored_format(layer) if layer is not None else None
             scheduled = scheduling and side == "model"
             wants_bypass = active and (scheduled or mode == "bypass" or (mode == "auto" and quantized is not None))
+            if wants_bypass and layer is not None and forward_skipped(layer, quantized):
+                report.forward_skipped.append(key)  # its forward never runs here: merged, as bypass would do nothing
+                wants_bypass = False
             norm_beside = adapter.algo == "norm" and not scheduled and casts_in_forward(layer)
             if wants_bypass and norm_beside and reorder is None:
                 # a norm layer's adapter: applied by the layer's own cast, as bypass keeps Linear/Conv

@@ -229,6 +229,7 @@ def test_fp8_factored_bypass_casts_each_layer_once_per_call(pack, tmp_path, monk
     import importlib
 
     import comfy.ops
+    import comfy.utils
 
     _loras(tmp_path)
     bypass_form("factored")
@@ -273,3 +274,61 @@ def test_fp8_factored_bypass_casts_each_layer_once_per_call(pack, tmp_path, monk
     effect = (y_ref - y_base).norm()
     for y in (first, second):
         assert float((y - y_ref).norm() / effect) < 1e-4
+
+
+def _sample_steps(model, steps):
+    """`steps` steps of ComfyUI's sampler with CFG (one model call per step: cond and uncond batched)."""
+    import comfy.sample
+
+    g = torch.Generator().manual_seed(3)
+    latent = torch.zeros(1, 4, 8, 8)
+    conds = [[[torch.randn(1, 3, 64, generator=g), {}]] for _ in range(2)]
+    return comfy.sample.sample(model, torch.randn(latent.shape, generator=g), steps, 2.0, "euler", "normal",
+                               conds[0], conds[1], latent, disable_pbar=True, seed=3)
+
+
+def test_a_layer_computed_without_its_forward_is_reported_loudly(pack, tmp_path, caplog):
+    """ComfyUI >= 0.37 computes some Linear layers with `cast_bias_weight` and a fused kernel and never
+    calls their forward (`comfy.ops.linear_input_act`); emulated here on one layer of the tiny UNet. The
+    adapter cannot act there, and the first model calls say so, naming the layer."""
+    import logging
+
+    import comfy.ops
+    import comfy.utils
+
+    _loras(tmp_path)
+    model = tiny_sd15()
+    lycoris_file(model.model.diffusion_model, tmp_path / "lora.safetensors", "lora_unet_", "lora")
+    patched = _load(pack, model, "lora.safetensors", 1.0, "bypass")
+    path = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+    layer = comfy.utils.get_attr(patched.model, path)
+
+    class FusedKernel(type(layer)):  # what linear_input_act does: the cast, then the op, no forward
+        def __call__(self, x):
+            weight, bias = comfy.ops.cast_bias_weight(self, x)[:2]
+            return torch.nn.functional.linear(x, weight, bias)
+
+    original = type(layer)
+    layer.__class__ = FusedKernel
+    try:
+        with caplog.at_level(logging.WARNING):
+            _sample_steps(patched, 2)
+    finally:
+        layer.__class__ = original
+    warnings = [r.getMessage() for r in caplog.records if "did not run their forward" in r.getMessage()]
+    assert len(warnings) == 1 and path in warnings[0] and "1 of" in warnings[0], warnings
+
+
+def test_layers_this_comfyui_computes_without_their_forward_are_merged_in_auto(pack, tmp_path, monkeypatch):
+    """Where the runtime has `linear_input_act` (ComfyUI >= 0.37, emulated: 0.28 has none), int8-tensorwise
+    Linear layers never run their forward (nor, with fp16 accumulation on, any Linear: a CUDA setting this
+    machine cannot turn on): bypass is never chosen for them."""
+    import comfy.ops
+
+    from lycoris_pack.nodes.layers import forward_skipped
+
+    linear, conv = torch.nn.Linear(4, 4), torch.nn.Conv2d(4, 4, 3)
+    assert not forward_skipped(linear, "int8_tensorwise") or hasattr(comfy.ops, "linear_input_act")
+    monkeypatch.setattr(comfy.ops, "linear_input_act", lambda *a, **k: None, raising=False)
+    assert forward_skipped(linear, "int8_tensorwise")
+    assert not forward_skipped(linear, "float8_e4m3fn") and not forward_skipped(conv, "int8_tensorwise")
