@@ -332,3 +332,34 @@ def test_layers_this_comfyui_computes_without_their_forward_are_merged_in_auto(p
     monkeypatch.setattr(comfy.ops, "linear_input_act", lambda *a, **k: None, raising=False)
     assert forward_skipped(linear, "int8_tensorwise")
     assert not forward_skipped(linear, "float8_e4m3fn") and not forward_skipped(conv, "int8_tensorwise")
+
+
+def test_stacked_loras_run_as_one_summed_rank_product_and_equal_the_merge(pack, tmp_path, bypass_form):
+    """Three LoRA/LoCon files and a LoKr on the same layers, chained in bypass at mixed strengths (one
+    negative) on an fp8 UNet: each layer runs the LoRAs as one product of their summed rank, and the
+    output equals the same files merged into the dequantised float model."""
+    from lycoris_pack.nodes.bypass import bypass_plans
+
+    _loras(tmp_path)
+    bypass_form("factored")
+    model = tiny_sd15()
+    _to_fp8(model)
+    reference = _dequantised_copy(model)
+    files = [("lora", 0, {"linear_dim": 4}), ("lora", 1, {"linear_dim": 8}), ("lora", 2, {"linear_dim": 2}),
+             ("lokr", 3, {"factor": 4})]
+    strengths = (0.7, -0.4, 1.2, 0.5)
+    for algo, seed, kwargs in files:
+        lycoris_file(reference.model.diffusion_model, tmp_path / f"{algo}{seed}.safetensors", "lora_unet_", algo,
+                     seed=seed, conv_dim=4, conv_alpha=2, **kwargs)
+    ours, merged = model, reference
+    for (algo, seed, _), m in zip(files, strengths):
+        ours = _load(pack, ours, f"{algo}{seed}.safetensors", m, "bypass")
+        merged = _load(pack, merged, f"{algo}{seed}.safetensors", m, "merge")
+    y, y_ref, y_base = _run(ours), _run(merged), _run(reference)
+    effect = float((y_ref - y_base).norm())
+    assert effect > 0 and float((y - y_ref).norm()) <= 1e-5 * effect + 1e-6 * float(y_ref.norm())
+    cpu = torch.device("cpu")  # 0.28: one plan; the March-2024 runtime: one per layer
+    ranks = {path: group.down.shape[0] for plan in bypass_plans(ours) for path, group in plan.staged(cpu).groups.items()}
+    # every adapted layer holds one group: linear_dim 4 + 8 + 2 on Linear layers, conv_dim 4 x 3 on convs
+    assert set(ranks) == {path for plan in bypass_plans(ours) for path in plan.layers}
+    assert set(ranks.values()) == {4 + 8 + 2, 3 * 4}, ranks
