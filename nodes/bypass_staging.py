@@ -26,33 +26,34 @@ def _plain_lora(adapter, geometry) -> bool:
 
 class LowRankGroup:
     """The plain LoRA entries of one layer as one product of their summed rank:
-    y += U (v . D x), D the stacked downs, U the concatenated ups with each file's scale folded in,
-    v each rank's strength gathered from the plan's table per call. One pair of small matmuls
-    (or convs) for any number of stacked LoRAs."""
+    y += U (v . D x), D the stacked downs, U the concatenated ups, v each rank's strength (from the
+    plan's table, per call) times its file's scale. One pair of small matmuls (or convs) for any
+    number of stacked LoRAs."""
 
     def __init__(self, members, geometry, device):
         shape = tuple(geometry.weight_shape)
-        downs, ups, slots = [], [], []
+        downs, ups, slots, scales = [], [], [], []
         for adapter, slot in members:
-            down, up = adapter.t("lora_down.weight"), flat(adapter.t("lora_up.weight")) * adapter.scale
-            if not geometry.linear:
-                down = down.reshape((down.shape[0],) + shape[1:])
-            downs.append(down)
+            down, up = adapter.t("lora_down.weight"), flat(adapter.t("lora_up.weight"))
+            downs.append(flat(down) if geometry.linear else down.reshape((down.shape[0],) + shape[1:]))
             ups.append(up)
             slots += [slot] * down.shape[0]
-        down = torch.cat([flat(d) for d in downs]) if geometry.linear else torch.cat(downs)
-        up = torch.cat(ups, dim=1)
+            scales += [adapter.scale] * down.shape[0]
+        # one member: its own tensors (views, no copy); several: one concatenated copy
+        down = downs[0] if len(downs) == 1 else torch.cat(downs)
+        up = ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)
         if not geometry.linear:
             up = up.reshape(up.shape + (1,) * geometry.conv_dims)
         self.geometry = geometry
         self.down, self.up = down.to(device), up.to(device)
         self.rank_slots = torch.tensor(slots, dtype=torch.long, device=device)
+        self.rank_scales = torch.tensor(scales, dtype=COMPUTE_DTYPE, device=device)  # each file's alpha / rank
         self.slots = frozenset(slot for _, slot in members)
 
     def __call__(self, x, table):
         """U (v . D x) in x's dtype; `table` is (slots,) or (chunks, slots): per batch chunk."""
         down, up = self.down.to(x.dtype), self.up.to(x.dtype)
-        v = table.index_select(-1, self.rank_slots).to(x.dtype)
+        v = (table.index_select(-1, self.rank_slots) * self.rank_scales).to(x.dtype)
         z = self.geometry.apply(x, down)
         if self.geometry.linear:  # ranks on the last dim
             z = z * v if v.dim() == 1 else (z.reshape(v.shape[0], -1, v.shape[1]) * v[:, None]).reshape(z.shape)
@@ -108,15 +109,8 @@ class Staged:
         tensor = torch.tensor(values, dtype=COMPUTE_DTYPE)
         if self.table is None or self.table.shape != tensor.shape:
             self.table = tensor.to(self.device)
+        elif self.table.device.type == "cuda":  # from pinned memory, queued on the stream: no host wait
+            self.table.copy_(tensor.pin_memory(), non_blocking=True)
         else:
             self.table.copy_(tensor)
         self.host = values
-
-    def size_bytes(self) -> int:
-        total = 0
-        for entries in self.layers.values():
-            for adapter, _, _, _ in entries:
-                total += sum(t.numel() * t.element_size() for t in adapter.tensors.values())
-        for group in self.groups.values():
-            total += group.down.numel() * group.down.element_size() + group.up.numel() * group.up.element_size()
-        return total

@@ -22,7 +22,8 @@ from .bypass import add_bypass
 from .cast_patches import add_cast_patches, casts_in_forward
 from .call_state import ScheduledStrength, check_schedule_runtime, publish_calls
 from .key_map import build_key_map, is_text_encoder_module, resolve, target_key
-from .layers import forward_skipped, geometry, is_weight_layer, logical_weight_shape, module_of, precision, stored_format
+from .layers import (forward_skipped, geometry, is_weight_layer, logical_weight_shape, module_of, precision,
+                     stored_format)
 from .patches import LAZY, diff_patch, embed_slice, lazy_patch
 
 
