@@ -12,7 +12,9 @@ the property `lycoris_example_files`: web/js/lycoris_examples.js replaces a file
 have with the first one they do, so an example runs as opened.
 
 Runs the real front-end: a ComfyUI server with this pack (the pinned runtime unless COMFYUI_PATH
-says otherwise; its UI files load in the current front-end too) and headless Chromium. Each API
+says otherwise; its UI files load in the current front-end too) and headless Chromium. An example with a
+core node the pinned runtime lacks (`lycoris_compile_api.json`: TorchCompileModel) is written with
+`COMFYUI_PATH=.cache/comfyui-recent`, whose front-end saves a newer (equally loadable) layout. Each API
 workflow goes through the front-end's own `app.loadApiJson`; widget values are then set back to
 exactly the API file's inputs (loading runs widget callbacks, e.g. the block-weight editor fills
 `weights` from a preset), seeds are fixed, the graph is laid out left to right, and
