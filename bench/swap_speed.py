@@ -189,8 +189,15 @@ class Dynamo:
 
     def __init__(self):
         self.messages: list[str] = []
-        handler = logging.Handler()
-        handler.emit = lambda record: self.messages.append(record.getMessage())
+        seen = []
+        handler = logging.Handler()  # on both loggers: a record that reaches both is kept once
+
+        def emit(record):
+            if not seen or seen[-1] is not record:
+                seen[:] = [record]
+                self.messages.append(record.getMessage())
+
+        handler.emit = emit
         torch._logging.set_logs(recompiles=True)
         for name in ("torch._dynamo.guards.__recompiles", "torch._dynamo"):
             logging.getLogger(name).addHandler(handler)
@@ -200,11 +207,19 @@ class Dynamo:
         counters = torch._dynamo.utils.counters
         return counters["frames"]["ok"], sum(counters["graph_break"].values())
 
-    def reasons(self) -> list[str]:
-        found = [m.strip().splitlines()[-1].strip() for m in self.messages
-                 if "Recompiling" in m or "recompile_limit" in m or "cache_size_limit" in m]
+    def reasons(self) -> tuple[list[str], int]:
+        """(the recompiles dynamo logged since the last call: function and reason, how many times it
+        hit its recompile limit, after which that function runs uncompiled)."""
+        found, limits = [], 0
+        for message in self.messages:
+            lines = [line.strip() for line in message.strip().splitlines()]
+            if lines and lines[0].startswith("torch._dynamo hit config."):
+                limits += 1
+            elif lines and lines[0].startswith("Recompiling function"):
+                found.append(lines[0].replace("Recompiling function ", "") + ": "
+                             + next((line for line in lines[1:] if line.startswith("-")), "").lstrip("- "))
         self.messages.clear()
-        return found
+        return found, limits
 
 
 class WorkflowFailed(RuntimeError):
@@ -233,8 +248,10 @@ class Runner:
             raise WorkflowFailed(errors[0]["exception_message"].strip().splitlines()[-1] if errors
                                  else str(self.executor.status_messages))
         frames_after, breaks_after = self.dynamo.snapshot()
+        reasons, limits = self.dynamo.reasons()
         return {"to_step": CLOCK.first_end - CLOCK.queued, "before_step": CLOCK.first_start - CLOCK.queued,
-                "frames": frames_after - frames, "breaks": breaks_after - breaks, "reasons": self.dynamo.reasons()}
+                "frames": frames_after - frames, "breaks": breaks_after - breaks, "reasons": reasons,
+                "limits": limits}
 
 
 def swap_states(swap: str) -> list[dict]:
@@ -274,13 +291,15 @@ def bench_engine(args, dynamo, engine: str, compiled: bool, repeats: int) -> lis
             before=statistics.median(s["before_step"] - r["before_step"] for s, r in runs),
             step=statistics.median(r["to_step"] - r["before_step"] for _, r in runs),
             frames=max(s["frames"] for s, _ in runs), breaks=max(s["breaks"] for s, _ in runs),
-            warm=warm["to_step"], warm_frames=warm["frames"], warm_breaks=warm["breaks"],
+            limits=sum(s["limits"] for s, _ in runs), warm=warm["to_step"], warm_frames=warm["frames"],
+            warm_breaks=warm["breaks"], warm_limits=warm["limits"],
             reasons=[m for s, _ in runs for m in s["reasons"]])
         rows.append(row)
         print(f"  {engine} {mode} {swap}: {row['before'] * 1000:.0f} ms before the step, first step "
               f"{row['cost'] - row['before']:+.1f} s, "
               f"frames compiled per swap {[s['frames'] for s, _ in runs]}, warm-up {warm['to_step']:.1f} s "
-              f"({warm['frames']} frames, {warm['breaks']} graph breaks)", flush=True)
+              f"({warm['frames']} frames, {warm['breaks']} graph breaks, recompile limit hit {warm['limits']} times)",
+              flush=True)
     return rows
 
 
@@ -356,19 +375,22 @@ def print_table(rows: list[dict]) -> None:
     print("before step: from queueing to the first model call (the loader, ComfyUI swapping the patched model in);")
     print("first step: the first model call's time over the re-run's (recompiles land here; on a shared CPU it moves")
     print("by seconds from run to run, so only whole-UNet recompiles show in it); step: the re-run's model call.")
+    print("recompiled: frames dynamo compiled again in the swap (limit: times it gave up on a function, which then")
+    print("runs uncompiled); warm-up: the graph's first run (frames compiled, graph breaks, limits hit).")
     print(f"{'engine':7s} {'mode':9s} {'swap':9s} {'before step ms':>15s} {'first step s':>13s} {'step s':>7s} "
-          f"{'recompiled frames':>18s} {'graph breaks':>13s}")
+          f"{'recompiled':>11s} {'limit':>6s} {'warm-up s':>10s} {'frames':>7s} {'breaks':>7s} {'limits':>7s}")
     for r in rows:
         head = f"{r['engine']:7s} {r['mode']:9s} {r['swap']:9s}"
         if "failed" in r:
             print(f"{head} failed: {r['failed'][:120]}")
             continue
         print(f"{head} {r['before'] * 1000:15.0f} {r['cost'] - r['before']:+13.1f} {r['step']:7.2f} "
-              f"{r['frames']:18d} {r['breaks']:13d}")
+              f"{r['frames']:11d} {r['limits']:6d} {r['warm']:10.1f} {r['warm_frames']:7d} {r['warm_breaks']:7d} "
+              f"{r['warm_limits']:7d}")
     for r in rows:
         if r.get("reasons"):
-            print(f"{r['engine']} {r['mode']} {r['swap']}: {len(r['reasons'])} dynamo messages, first: "
-                  f"{r['reasons'][0][:160]}")
+            print(f"{r['engine']} {r['mode']} {r['swap']}: {len(r['reasons'])} recompiles, first: "
+                  f"{r['reasons'][0][:200]}")
 
 
 if __name__ == "__main__":
