@@ -49,6 +49,8 @@ TITLES = {
     "lycoris_schedule_negative_api.json": "LyCORIS 12 - Another strength on the negative pass (schedule)",
     "lycoris_compile_api.json": "LyCORIS 13 - Load LyCORIS then torch.compile",
 }
+# API file -> core nodes it needs that the pinned March-2024 runtime lacks (its front-end cannot load it)
+NEWER_RUNTIME = {"lycoris_compile_api.json": {"TorchCompileModel"}}
 _PICK = ("The file boxes name the pack's test files; where you do not have them, the first file of your "
          "folder is put in their place: pick your own before running.")
 NOTES = {
