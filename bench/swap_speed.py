@@ -66,10 +66,11 @@ SWAPS = {"bypass": ("strength", "file", "schedule"), "merge": ("strength", "file
 
 
 class Clock:
-    """Times of the first model call after `start()`: its start and its end (perf_counter)."""
+    """Times of the first model call after `start()`: its start and its end (perf_counter); and the
+    latent the last run sampled."""
 
     def __init__(self):
-        self.queued = self.first_start = self.first_end = None
+        self.queued = self.first_start = self.first_end = self.latent = None
 
     def start(self):
         self.queued, self.first_start, self.first_end = time.perf_counter(), None, None
@@ -126,6 +127,7 @@ def bench_nodes(patcher) -> dict:
             return {"required": {"samples": ("LATENT",)}}
 
         def take(self, samples):
+            CLOCK.latent = samples["samples"]
             return {}
 
     return {cls.__name__: cls for cls in (SwapBenchModel, SwapBenchConditioning, SwapBenchSink)}
@@ -235,10 +237,10 @@ class Runner:
                                                  cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
         self.seed = 0
 
-    def run(self, engine: str, compiled: bool, state: dict) -> dict:
-        """One queued prompt; the seed changes every run so the sampler always runs."""
+    def run(self, engine: str, compiled: bool, state: dict, seed: int | None = None) -> dict:
+        """One queued prompt; the seed changes every run (unless given) so the sampler always runs."""
         self.seed += 1
-        graph = prompt(engine, compiled, state, self.seed, self.args.latent)
+        graph = prompt(engine, compiled, state, self.seed if seed is None else seed, self.args.latent)
         frames, breaks = self.dynamo.snapshot()
         CLOCK.start()
         with contextlib.redirect_stdout(io.StringIO()):  # the loaders print their reports
@@ -249,7 +251,7 @@ class Runner:
                                  else str(self.executor.status_messages))
         frames_after, breaks_after = self.dynamo.snapshot()
         reasons, limits = self.dynamo.reasons()
-        return {"to_step": CLOCK.first_end - CLOCK.queued, "before_step": CLOCK.first_start - CLOCK.queued,
+        return {"latent": CLOCK.latent, "to_step": CLOCK.first_end - CLOCK.queued, "before_step": CLOCK.first_start - CLOCK.queued,
                 "frames": frames_after - frames, "breaks": breaks_after - breaks, "reasons": reasons,
                 "limits": limits}
 
@@ -271,6 +273,10 @@ def bench_engine(args, dynamo, engine: str, compiled: bool, repeats: int) -> lis
     torch._dynamo.reset()
     runner = Runner(args, dynamo)
     mode = "compiled" if compiled else "eager"
+    state = swap_states("strength")[0]
+    with_adapter = runner.run(engine, compiled, state, seed=999_999_999)["latent"]
+    if torch.equal(with_adapter, runner.run(engine, compiled, dict(state, strength=0.0), seed=999_999_999)["latent"]):
+        raise SystemExit(f"{engine} {mode}: the adapter changes nothing in the sampled latent; no swap to time")
     rows = []
     for swap in SWAPS[engine]:
         row = {"engine": engine, "mode": mode, "swap": swap}
