@@ -12,7 +12,9 @@ the property `lycoris_example_files`: web/js/lycoris_examples.js replaces a file
 have with the first one they do, so an example runs as opened.
 
 Runs the real front-end: a ComfyUI server with this pack (the pinned runtime unless COMFYUI_PATH
-says otherwise; its UI files load in the current front-end too) and headless Chromium. Each API
+says otherwise; its UI files load in the current front-end too) and headless Chromium. An example with a
+core node the pinned runtime lacks (`lycoris_compile_api.json`: TorchCompileModel) is written with
+`COMFYUI_PATH=.cache/comfyui-recent`, whose front-end saves a newer (equally loadable) layout. Each API
 workflow goes through the front-end's own `app.loadApiJson`; widget values are then set back to
 exactly the API file's inputs (loading runs widget callbacks, e.g. the block-weight editor fills
 `weights` from a preset), seeds are fixed, the graph is laid out left to right, and
@@ -43,17 +45,28 @@ TITLES = {
     "lycoris_extract_api.json": "LyCORIS 8 - Extract a LoRA from a model and a tuned model",
     "lycoris_merge_to_checkpoint_api.json": "LyCORIS 9 - Merge adapters into a checkpoint file",
     "lycoris_stack_api.json": "LyCORIS 10 - A stack of adapters in one node",
-    "lycoris_schedule_api.json": "LyCORIS 11 - A LoRA for the first steps only (schedule)",
+    "lycoris_schedule_api.json": "LyCORIS 11 - A lightning LoRA for the first 2 steps (schedule)",
+    "lycoris_schedule_negative_api.json": "LyCORIS 12 - Another strength on the negative pass (schedule)",
+    "lycoris_compile_api.json": "LyCORIS 13 - Load LyCORIS then torch.compile",
 }
+# API file -> core nodes it needs that the pinned March-2024 runtime lacks (its front-end cannot load it)
+NEWER_RUNTIME = {"lycoris_compile_api.json": {"TorchCompileModel"}}
 _PICK = ("The file boxes name the pack's test files; where you do not have them, the first file of your "
          "folder is put in their place: pick your own before running.")
 NOTES = {
     "lycoris_stack_api.json": "Pick your checkpoint, then one file per row of Load LyCORIS Stack (add rows with "
     "its rows count); each row has its own strengths, mode and block weights. The report on the node lists every "
     "row and where rows overlap.",
-    "lycoris_schedule_api.json": "Pick your checkpoint and, in Load LyCORIS, a lightning/turbo LoRA (or any "
-    "adapter). LyCORIS Schedule keeps it for the first half of the steps and out of the negative pass; try the "
-    "presets or your own keyframes (0:1, 0.3:0).",
+    "lycoris_schedule_api.json": "Pick your checkpoint and, in Load LyCORIS, a lightning/turbo/hyper LoRA. "
+    "LyCORIS Schedule (preset first 2 steps) keeps it for the first 2 steps of KSampler; the base model does the "
+    "rest. Try other presets or your own keyframes (0:1, 0.3:0). Needs a 2025+ ComfyUI to count steps (older: "
+    "use first 25%).",
+    "lycoris_schedule_negative_api.json": "Pick your checkpoint and your LoRA. LyCORIS Schedule (preset always) "
+    "with negative_multiplier 0 applies the LoRA to the positive prompt's pass only; 0.5 would halve it on the "
+    "negative pass. The negative pass runs only with cfg above 1.",
+    "lycoris_compile_api.json": "Pick your checkpoint and your adapter. TorchCompileModel goes after Load "
+    "LyCORIS, right before the sampler; the first run compiles (minutes), later runs reuse the compiled code. "
+    "Leave mode on auto; the loader's report says how each layer is applied.",
     "lycoris_loader_api.json": "Pick your checkpoint and, in Load LyCORIS, your LoRA or LyCORIS file (any "
     "format). Leave mode on auto. After a run the node shows its report; an orange node means the file does "
     "not fit this model (e.g. an SDXL LoRA on an SD1.5 checkpoint).",
