@@ -24,6 +24,8 @@ to a temporary loras folder. Four measurements, each the best of `--repeats` int
         [--latent 64] [--batch 2] [--parts abcd] [--quick]
 
 `--quick` (a 16x16 latent, batch 1, one repeat) checks that every part runs; its times mean little.
+No test runs it: building the full-size model and patching it still took 8 minutes on the project's
+shared 2-core CPU, past the 60 s a test may take.
 Run on ComfyUI 0.28 for the figures the README gives; the pinned March-2024 runtime works too.
 """
 
