@@ -321,7 +321,7 @@ def load_adapter(pack, model, name, mode, strength=STRENGTH):
     """The pack's loader node, its printed report kept out of this script's output."""
     node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
     with contextlib.redirect_stdout(io.StringIO()):
-        patched, report = node.load(model, name, strength, mode)["result"]
+        patched, report = node.load(model, name, strength, mode)["result"][:2]
     if not re.search(r"(?<!\d)0 unmatched", report):
         raise AssertionError(f"{name}: the loader left modules unmatched: {report}")
     return patched

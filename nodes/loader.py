@@ -11,6 +11,7 @@ import folder_paths
 
 from ..lycoris_core import AdapterFormatError
 from ..lycoris_core.block_weights import BlockWeightError
+from ..lycoris_core.trigger_words import AdapterInfo, adapter_info, hashes_text, trigger_text
 from .block_weight_node import read_block_weights
 from .cache import load_cached
 from .patching import apply_adapter_file
@@ -24,6 +25,10 @@ MODE_TOOLTIP = ("auto (leave it): merged into float weights, run beside quantize
                 "which switches a node off).")
 
 STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
+
+TRIGGER_WORDS_TIP = ("Trigger words of the file (sidecar files beside it: sd-webui .json, .civitai.info, "
+                     ".metadata.json; then its metadata), comma-separated.")
+ADAPTER_HASHES_TIP = "sd-webui's \"Lora hashes\" value (name: hash) that Civitai reads from an image's parameters."
 
 
 def _adapter_path(name: str) -> str:
@@ -79,8 +84,22 @@ def load_and_apply(model, clip, lora_name, strength_model, strength_clip, mode, 
     if blocks is not None:
         text += f"\nblock weights ({blocks.dialect}, {blocks.architecture}): {blocks.describe(compact=True)}"
         text += "".join(f"\n  warning: {w}" for w in blocks.warnings)
+    info, lines = describe_adapter(path, adapter_file.metadata)
+    text += lines
     print(text)
-    return new_model, new_clip, text
+    return new_model, new_clip, text, info
+
+
+def describe_adapter(path: str, metadata: dict) -> tuple[AdapterInfo, str]:
+    """Trigger words and hash of an applied file (sidecars inside the loras folders, then its
+    metadata), and the report lines that say them; the single loaders and the stack share it."""
+    info = adapter_info(path, metadata, list(folder_paths.get_folder_paths("loras")))
+    text = ""
+    if info.trigger_words:
+        text += f"\ntrigger words ({', '.join(info.sources)}): {', '.join(info.trigger_words)}"
+    if info.preferred_weight is not None:
+        text += f"\npreferred weight (sidecar): {info.preferred_weight:g}"
+    return info, text + f"\nhash: {info.hash_entry()}"
 
 
 def report_ui(text: str) -> dict:
@@ -106,12 +125,15 @@ class LycorisLoader:
                    "shows on the node; the node turns orange when the file does not fit the model.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
-    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
-    RETURN_NAMES = ("MODEL", "CLIP", "report")
+    # appended outputs only, never reordered: saved workflows link outputs by index
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "STRING", "STRING")
+    RETURN_NAMES = ("MODEL", "CLIP", "report", "trigger_words", "adapter_hashes")
     OUTPUT_TOOLTIPS = (
         "The diffusion model with the adapter applied.",
         "The text encoder(s) with the adapter applied.",
         "Coverage report: modules matched / unmatched, keys not understood, algorithms and ranks.",
+        TRIGGER_WORDS_TIP,
+        ADAPTER_HASHES_TIP,
     )
 
     @classmethod
@@ -139,18 +161,20 @@ class LycorisLoader:
 
     def load(self, model, clip, lora_name=None, strength_model=1.0, strength_clip=1.0, mode="auto", block_weights="",
              schedule=None, lycoris_name=None):
-        new_model, new_clip, text = load_and_apply(model, clip, _file_name(lora_name, lycoris_name), strength_model,
-                                                   strength_clip, mode, block_weights, schedule)
-        return {"ui": report_ui(text), "result": (new_model, new_clip, text)}
+        new_model, new_clip, text, info = load_and_apply(model, clip, _file_name(lora_name, lycoris_name),
+                                                         strength_model, strength_clip, mode, block_weights, schedule)
+        return {"ui": report_ui(text),
+                "result": (new_model, new_clip, text, trigger_text([info]), hashes_text([info]))}
 
 
 class LycorisLoaderModelOnly:
     DESCRIPTION = "Load LyCORIS for the diffusion model only (text-encoder modules in the file are skipped)."
     CATEGORY = CATEGORY
     FUNCTION = "load"
-    RETURN_TYPES = ("MODEL", "STRING")
-    RETURN_NAMES = ("MODEL", "report")
-    OUTPUT_TOOLTIPS = ("The diffusion model with the adapter applied.", "Coverage report.")
+    RETURN_TYPES = ("MODEL", "STRING", "STRING", "STRING")
+    RETURN_NAMES = ("MODEL", "report", "trigger_words", "adapter_hashes")
+    OUTPUT_TOOLTIPS = ("The diffusion model with the adapter applied.", "Coverage report.", TRIGGER_WORDS_TIP,
+                       ADAPTER_HASHES_TIP)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -161,6 +185,6 @@ class LycorisLoaderModelOnly:
 
     def load(self, model, lora_name=None, strength_model=1.0, mode="auto", block_weights="", schedule=None,
              lycoris_name=None):
-        new_model, _, text = load_and_apply(model, None, _file_name(lora_name, lycoris_name), strength_model, 0.0,
-                                            mode, block_weights, schedule)
-        return {"ui": report_ui(text), "result": (new_model, text)}
+        new_model, _, text, info = load_and_apply(model, None, _file_name(lora_name, lycoris_name), strength_model,
+                                                  0.0, mode, block_weights, schedule)
+        return {"ui": report_ui(text), "result": (new_model, text, trigger_text([info]), hashes_text([info]))}

@@ -22,10 +22,10 @@ import folder_paths
 
 from ..lycoris_core import AdapterFormatError
 from ..lycoris_core.block_weights import BlockWeightError
-from ..lycoris_core.trigger_words import adapter_info, hashes_text, trigger_text
+from ..lycoris_core.trigger_words import hashes_text, trigger_text
 from .block_weight_node import read_block_weights
 from .cache import load_cached
-from .loader import CATEGORY, MODES, STRENGTH, _adapter_path, _attach_metadata
+from .loader import CATEGORY, MODES, STRENGTH, _adapter_path, _attach_metadata, describe_adapter
 from .patching import apply_adapter_file
 
 try:  # ComfyUI with the V3 node API (dynamic inputs)
@@ -191,7 +191,6 @@ def apply_stack(model, clip, model_low, rows: list[Row]):
     applied as Load LyCORIS applies one file; a row off or at strength 0 is skipped whole."""
     if model is None:
         raise ValueError("Load LyCORIS Stack: connect a model")
-    roots = list(folder_paths.get_folder_paths("loras"))
     models = {"high": model, "low": model_low}
     lines, infos, applied = [], [], []
     touched: list[tuple[str, set]] = []  # (row label, {(expert, side, layer key)})
@@ -234,13 +233,9 @@ def apply_stack(model, clip, model_low, rows: list[Row]):
             if blocks is not None:
                 text += f"\nblock weights ({blocks.dialect}, {blocks.architecture}): {blocks.describe(compact=True)}"
                 text += "".join(f"\n  warning: {w}" for w in blocks.warnings)
-            info = adapter_info(path, adapter_file.metadata, roots)
+            info, facts = describe_adapter(path, adapter_file.metadata)
             infos.append(info)
-            if info.trigger_words:
-                text += f"\ntrigger words ({', '.join(info.sources)}): {', '.join(info.trigger_words)}"
-            if info.preferred_weight is not None:
-                text += f"\npreferred weight (sidecar): {info.preferred_weight:g}"
-            text += f"\nhash: {info.hash_entry()}"
+            text += facts
             lines.append(f"[{row.label}{expert_note}] " + text.replace("\n", "\n    "))
             layers |= {(expert, report.targets[m], key) for m, key in report.coverage.matched.items()}
         touched.append((row.label, layers))

@@ -68,7 +68,7 @@ def test_inspire_presets_scale_each_block_like_the_trainer(pack, setup, preset):
     text, report = node.run(preset, "", "auto", model)["result"]
     assert f"preset {preset}" in report, report
     loader = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
-    patched, _ = loader.load(model, path.name, 1.0, "merge", block_weights=text)["result"]
+    patched, _ = loader.load(model, path.name, 1.0, "merge", block_weights=text)["result"][:2]
     weights = patched_state_dict(patched)
     base = model.model.state_dict()
     expected = preset_weights(preset)
@@ -101,8 +101,8 @@ def test_bypass_mode_uses_the_same_block_weights(pack, setup):
     node = pack.NODE_CLASS_MAPPINGS["LycorisBlockWeight"]()
     text, _ = node.run("SD-OUTALL", "", "auto", model)["result"]
     loader = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
-    merged, _ = loader.load(model, path.name, 1.0, "merge", block_weights=text)["result"]
-    bypassed, _ = loader.load(model, path.name, 1.0, "bypass", block_weights=text)["result"]
+    merged, _ = loader.load(model, path.name, 1.0, "merge", block_weights=text)["result"][:2]
+    bypassed, _ = loader.load(model, path.name, 1.0, "bypass", block_weights=text)["result"][:2]
     from lycoris_pack.nodes.bypass import bypassed_layers
 
     layers = bypassed_layers(bypassed)
@@ -199,5 +199,5 @@ def test_typing_mistakes_and_other_architectures(pack, setup, caplog):
     assert "warning: 12 values is sd-webui LBW's SDXL layout, but this model is sd1" in report, report
     assert any("SDXL layout" in record.getMessage() for record in caplog.records)
     loader = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
-    _, text = loader.load(model, path.name, 1.0, "merge", sdxl_vector)["result"]
+    _, text = loader.load(model, path.name, 1.0, "merge", sdxl_vector)["result"][:2]
     assert "SDXL layout, but this model is sd1" in text, text

@@ -187,8 +187,8 @@ def test_a_norm_adapter_runs_in_the_layers_own_cast(pack, tmp_path):
               str(tmp_path / "norm.safetensors"))
     stored = model.model.diffusion_model.input_blocks[1][1].norm.weight.clone()
     node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
-    patched, report = node.load(model, "norm.safetensors", 1.0, "bypass")["result"]
-    merged, _ = node.load(model, "norm.safetensors", 1.0, "merge")["result"]
+    patched, report = node.load(model, "norm.safetensors", 1.0, "bypass")["result"][:2]
+    merged, _ = node.load(model, "norm.safetensors", 1.0, "merge")["result"][:2]
     assert "bypass: 2 layers run the adapter beside the layer" in report and "cannot be bypassed" not in report, report
     assert "diffusion_model.input_blocks.1.1.norm.weight" not in patched.patches  # not merged
     y_bypass, y_merge, y_plain = _run(patched), _run(merged), _run(model)
@@ -204,8 +204,8 @@ def test_auto_on_a_float_model_is_merge(pack, tmp_path):
     lycoris_file(model.model.diffusion_model, tmp_path / "lora.safetensors", "lora_unet_", "lora",
                  conv_dim=4, conv_alpha=2)
     node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
-    auto, report = node.load(model, "lora.safetensors", 1.0, "auto")["result"]
-    merged, _ = node.load(model, "lora.safetensors", 1.0, "merge")["result"]
+    auto, report = node.load(model, "lora.safetensors", 1.0, "auto")["result"][:2]
+    merged, _ = node.load(model, "lora.safetensors", 1.0, "merge")["result"][:2]
     from lycoris_pack.nodes.bypass import bypassed_layers
 
     assert not bypassed_layers(auto) and "bypass:" not in report and "warning" not in report, report

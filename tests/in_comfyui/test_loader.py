@@ -28,7 +28,7 @@ ORACLE_ONLY = {  # ComfyUI is wrong or silent for these: compare with the traine
 
 def _load(pack, model, clip, name, strength_model=1.0, strength_clip=1.0, mode="merge"):
     node = pack.NODE_CLASS_MAPPINGS["LycorisLoader"]()
-    return node.load(model, clip, name, strength_model, strength_clip, mode)["result"]
+    return node.load(model, clip, name, strength_model, strength_clip, mode)["result"][:3]
 
 
 def _loras(tmp_path, pack):
@@ -152,7 +152,7 @@ def test_model_only_skips_text_encoder_modules(pack, tmp_path):
     both = tmp_path / "both.safetensors"
     save_file({**load_file(str(te)), **load_file(str(unet))}, str(both))
     node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
-    new_model, report = node.load(model, both.name, 1.0, "merge")["result"]
+    new_model, report = node.load(model, both.name, 1.0, "merge")["result"][:2]
     assert new_model.patches and "skipped" in report and "0 unmatched" in report, report
 
 
@@ -270,7 +270,7 @@ def test_block_weights_bind_to_block_ids(pack, tmp_path, mode):
     model = tiny_sd15()
     path, _, _ = _make(tmp_path, model, "locon", ADDITIVE["locon"])
     node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
-    patched, report = node.load(model, path.name, 1.0, mode, block_weights="IN*=0, M00=0.5")["result"]
+    patched, report = node.load(model, path.name, 1.0, mode, block_weights="IN*=0, M00=0.5")["result"][:2]
     assert "block weights (named" in report, report
     lora = comfy.utils.load_torch_file(str(path), safe_load=True)
     full, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
@@ -349,7 +349,7 @@ def test_an_adapter_for_another_base_model_is_named_and_shown(pack, tmp_path, ca
     node = pack.NODE_CLASS_MAPPINGS["LycorisLoader"]()
     with caplog.at_level("WARNING"):
         answer = node.load(model, clip, path.name, 1.0, 1.0, "auto")
-    new_model, new_clip, report = answer["result"]
+    new_model, new_clip, report = answer["result"][:3]
     [warning] = answer["ui"]["lycoris_warning"]
     assert warning == report.splitlines()[1], report
     assert warning.startswith("warning: only the text encoder changed"), warning
@@ -400,7 +400,7 @@ def test_the_file_input_is_lora_name_and_the_old_name_still_loads(pack, tmp_path
     path = tmp_path / "old.safetensors"
     lycoris_file(model.model.diffusion_model, path, "lora_unet_", "lora")
     node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
-    new_model, report = node.load(model, lycoris_name=path.name, strength_model=1.0, mode="merge")["result"]
+    new_model, report = node.load(model, lycoris_name=path.name, strength_model=1.0, mode="merge")["result"][:2]
     assert new_model.patches and "old.safetensors" in report
     prompt = {"1": {"class_type": "LycorisLoader", "inputs": {"lycoris_name": "a.safetensors", "strength_model": 1}},
               "2": {"class_type": "LycorisCombine", "inputs": {"lycoris_name_1": "b.safetensors"}}}
@@ -440,3 +440,54 @@ def test_peft_file_without_its_config_says_so(pack, tmp_path):
         assert said == (folder == "alone"), report
         got = patched_state_dict(patched)[key]
         torch.testing.assert_close(got, weight + scale * delta, rtol=1e-5, atol=1e-5)
+
+
+def _tensor_hash(path) -> str:
+    """sd-webui's "Lora hashes" entry computed here from the bytes: sha256 after the safetensors header."""
+    import hashlib
+
+    data = path.read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    return f"{path.stem}: {hashlib.sha256(data[8 + header:]).hexdigest()[:12]}"
+
+
+def test_trigger_words_and_hash_outputs_follow_the_existing_ones(pack, tmp_path):
+    """The single loaders give trigger words and the Civitai hash as the stack does, as outputs
+    appended after the old ones (saved workflows link outputs by index)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    old = {"LycorisLoader": ("MODEL", "CLIP", "STRING"), "LycorisLoaderModelOnly": ("MODEL", "STRING")}
+    for name, types in old.items():
+        node = pack.NODE_CLASS_MAPPINGS[name]
+        assert node.RETURN_TYPES == types + ("STRING", "STRING")
+        assert node.RETURN_NAMES[-2:] == ("trigger_words", "adapter_hashes")
+        assert len(node.OUTPUT_TOOLTIPS) == len(node.RETURN_TYPES)
+    _loras(tmp_path, pack)
+    model, clip = tiny_sd15(), tiny_clip(tmp_path)
+    path = tmp_path / "style.safetensors"
+    lycoris_file(model.model.diffusion_model, path, "lora_unet_", "lora")
+    save_file(load_file(str(path)), str(path), {"modelspec.trigger_phrase": "zkx style, ohwx"})
+    # sd-webui/Forge sidecar: its activation text first, then the metadata's phrase without repeats
+    (tmp_path / "style.json").write_text(json.dumps({"activation text": "ohwx, red hat", "preferred weight": 0.7}))
+    answer = pack.NODE_CLASS_MAPPINGS["LycorisLoader"]().load(model, clip, path.name, 1.0, 1.0, "merge")
+    new_model, new_clip, report, words, hashes = answer["result"]
+    assert new_model.patches and words == "ohwx, red hat, zkx style"
+    assert hashes == _tensor_hash(path)
+    assert "trigger words (style.json, metadata modelspec.trigger_phrase): ohwx, red hat, zkx style" in report
+    assert "preferred weight (sidecar): 0.7" in report and f"hash: {hashes}" in report
+    assert answer["ui"]["text"] == [report]
+
+    bare = tmp_path / "bare.safetensors"  # no sidecar, no metadata: no words, still a hash
+    lycoris_file(model.model.diffusion_model, bare, "lora_unet_", "lora", seed=3)
+    only = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]().load(model, bare.name, 0.5, "bypass")["result"]
+    assert len(only) == 4 and only[2] == "" and only[3] == _tensor_hash(bare)
+
+    stack = pack.NODE_CLASS_MAPPINGS["LycorisStack"]  # one row of the stack says the same
+    row = {"lora_name": path.name, "strength_model": 1.0, "strength_clip": 0.0}
+    if hasattr(stack, "define_schema"):
+        out = stack.execute(model=model, rows={"rows": "1", **{f"{k}_1": v for k, v in row.items()}}).args
+    else:
+        out = stack().load(model, "1", **{f"rows.{k}_1": v for k, v in row.items()})["result"]
+    assert out[3:5] == (words, hashes)

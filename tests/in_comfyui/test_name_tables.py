@@ -247,7 +247,7 @@ def test_trainer_files_patch_every_layer_on_its_rows(pack, built, arch, tmp_path
         file_name = f"{arch}-{algo}-{names}.safetensors"
         save_file(tensors, str(tmp_path / file_name), metadata=metadata)
         out = node.load(patcher, file_name, 1.0, "merge")
-        new_model, report = out["result"]
+        new_model, report = out["result"][:2]
         assert out["ui"]["text"] == [report]
         assert f"{len(expected)}/{len(expected)} modules matched, 0 unmatched, 0 keys not understood, " \
                "0 modules with errors, 0 duplicates" in report, (label, report)
@@ -287,7 +287,7 @@ def test_duplicates_are_reported_with_the_module_applied(pack, built, tmp_path):
     use_loras_folder(tmp_path)
     save_file(tensors, str(tmp_path / "dup.safetensors"))
     out = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]().load(patcher, "dup.safetensors", 1.0, "merge")
-    new_model, report = out["result"]
+    new_model, report = out["result"][:2]
     assert out["ui"]["text"] == [report]
     assert "2/5 modules matched, 1 unmatched, 1 keys not understood, 0 modules with errors, 2 duplicates" in report
     lines = report.splitlines()
@@ -322,7 +322,7 @@ def test_reordered_rows_are_merged_even_in_bypass(pack, built, tmp_path):
     use_loras_folder(tmp_path)
     save_file(tensors, str(tmp_path / "norm_out.safetensors"))
     new_model, report = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]().load(
-        patcher, "norm_out.safetensors", 1.0, "bypass")["result"]
+        patcher, "norm_out.safetensors", 1.0, "bypass")["result"][:2]
     assert "2/2 modules matched" in report and "bypass: 1 layers" in report, report
     (patch,) = new_model.patches["diffusion_model.final_layer.adaLN_modulation.1.weight"]
     assert callable(patch[4]) and patch[4].__name__ == "swap_scale_shift"
@@ -365,7 +365,7 @@ def test_lumina2_gqa_slices_patch_their_rows_through_comfyui(pack, tmp_path):
     use_loras_folder(tmp_path)
     save_file(tensors, str(tmp_path / "gqa.safetensors"))
     new_model, report = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]().load(
-        patcher, "gqa.safetensors", 0.8, "merge")["result"]
+        patcher, "gqa.safetensors", 0.8, "merge")["result"][:2]
     assert "3/3 modules matched" in report, report
     patched = patched_weight(new_model, key)
     adapters = decode_tensors(tensors).adapters

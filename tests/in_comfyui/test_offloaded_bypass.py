@@ -77,7 +77,7 @@ def _run_on_meta(patcher, inputs, kwargs=None):
 
 def _load(pack, model, name, mode):
     node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
-    return node.load(model, name, 0.8, mode)["result"]
+    return node.load(model, name, 0.8, mode)["result"][:2]
 
 
 SD15_INPUTS = (torch.randn(1, 4, 8, 8), torch.tensor([400.0]))

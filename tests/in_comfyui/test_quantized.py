@@ -91,7 +91,7 @@ def run(patcher, check=None):
 def load(pack, model, name, strength, mode):
     """(patched model, report) from Load LyCORIS (model only); the loras folder is set by the caller."""
     node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
-    return node.load(model, name, strength, mode)["result"]
+    return node.load(model, name, strength, mode)["result"][:2]
 
 
 def assert_stored_unchanged(model, stored, quantized_only=False):

@@ -23,7 +23,7 @@ def _schedule(pack, keyframes, negative=1.0, interpolation="hold"):
 
 def _load(pack, model, strength, mode, schedule=None):
     node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
-    return node.load(model, "adapter.safetensors", strength, mode, schedule=schedule)["result"]
+    return node.load(model, "adapter.safetensors", strength, mode, schedule=schedule)["result"][:2]
 
 
 def _sample(model):

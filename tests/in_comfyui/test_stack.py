@@ -56,7 +56,7 @@ def chain(pack, model, rows, clip=None):
         if row.get("on", True):
             model, clip, _ = node.load(model, clip, row["lora_name"], row["strength_model"],
                                        row.get("strength_clip", 0.0), row.get("mode", "auto"),
-                                       row.get("block_weights", ""))["result"]
+                                       row.get("block_weights", ""))["result"][:3]
     return model, clip
 
 
@@ -132,21 +132,36 @@ def test_stack_equals_chained_loaders_on_an_fp8_model(pack, recent, tmp_path, mo
     assert model.patches == {}
 
 
-def test_rows_off_or_at_zero_leave_nothing_behind(pack, tmp_path):
-    _folder(tmp_path, pack)
-    model = tiny_sd15()
-    _files(tmp_path, model.model.diffusion_model)
-    rows = _rows("bypass")
+def _idle_rows_leave_nothing(pack, model, rows, run):
+    """Rows 2 and 3 off / at strength 0: the stack's output is bit-identical to row 1 alone, with the
+    same patches; a stack of only idle rows gives the input model itself."""
     rows[1]["on"] = False
     rows[2]["strength_model"] = 0.0
     only_first = stack(pack, model, rows[:1])
     with_idle = stack(pack, model, rows)
-    assert torch.equal(unet_output(with_idle[0], *_sd_inputs()), unet_output(only_first[0], *_sd_inputs()))
-    assert with_idle[5] == [("locon.safetensors", 0.8, 0.0)]
+    assert torch.equal(run(with_idle[0]), run(only_first[0]))
+    assert set(with_idle[0].patches) == set(only_first[0].patches)
+    assert with_idle[5] == [(rows[0]["lora_name"], rows[0]["strength_model"], 0.0)]
     assert "[row 2] lokr.safetensors: off" in with_idle[2] and "strength 0, skipped" in with_idle[2]
-    none = stack(pack, model, [dict(rows[0], on=False)])
+    none = stack(pack, model, [dict(rows[0], on=False), dict(rows[1], on=True, strength_model=0.0)])
     assert none[0] is model  # nothing applied: the model itself, no clone, no patch
-    assert torch.equal(unet_output(none[0], *_sd_inputs()), unet_output(model, *_sd_inputs()))
+    assert torch.equal(run(none[0]), run(model))
+
+
+@pytest.mark.parametrize("mode", ["merge", "bypass", "auto"])
+def test_rows_off_or_at_zero_leave_nothing_behind(pack, tmp_path, mode):
+    _folder(tmp_path, pack)
+    model = tiny_sd15()
+    _files(tmp_path, model.model.diffusion_model)
+    _idle_rows_leave_nothing(pack, model, _rows(mode), lambda m: unet_output(m, *_sd_inputs()))
+
+
+@pytest.mark.parametrize("mode", ["merge", "bypass", "auto"])
+def test_rows_off_or_at_zero_leave_an_fp8_model_untouched(pack, recent, tmp_path, mode):
+    model = tiny_flux(tmp_path, weight_dtype="fp8_e4m3fn")
+    _folder(tmp_path, pack)
+    _files(tmp_path, model.model.diffusion_model, target=("Linear",))
+    _idle_rows_leave_nothing(pack, model, _rows(mode), _flux_run)
 
 
 def test_lora_stack_in_and_out(pack, tmp_path):
