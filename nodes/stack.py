@@ -48,6 +48,9 @@ TIPS = {
                  "its *low_noise* twin in the same folder for it.",
     "lora_stack": "A LORA_STACK from another stack node (Efficiency, Comfyroll, LoRA Manager, or this one): its "
                   "(name, strength_model, strength_clip) rows are applied first, in mode auto.",
+    "schedule": "From a LyCORIS Schedule node: when the rows act while sampling (first steps, ramps, another "
+                "strength on the negative pass), for every row's diffusion-model side; scheduled rows run beside "
+                "the layers whatever their mode. For one row only, load that file with its own Load LyCORIS.",
     "rows": "How many rows of adapters this node has.",
     "on": "Off: the row is skipped and leaves nothing behind.",
     "lora_name": "The adapter file, from the loras folders.",
@@ -186,9 +189,10 @@ def _targets(row: Row, have_low: bool) -> list[tuple[str, str]]:
         [("high", row.lora_name), ("low", twin)]
 
 
-def apply_stack(model, clip, model_low, rows: list[Row]):
+def apply_stack(model, clip, model_low, rows: list[Row], schedule=None):
     """(model, clip, model_low, report, trigger words, hashes, LORA_STACK applied). Each row is
-    applied as Load LyCORIS applies one file; a row off or at strength 0 is skipped whole."""
+    applied as Load LyCORIS applies one file; a row off or at strength 0 is skipped whole.
+    `schedule` (a LYCORIS_SCHEDULE): every row's model side follows it, in bypass."""
     if model is None:
         raise ValueError("Load LyCORIS Stack: connect a model")
     models = {"high": model, "low": model_low}
@@ -219,7 +223,7 @@ def apply_stack(model, clip, model_low, rows: list[Row]):
                 new_model, new_clip, report = apply_adapter_file(
                     models[expert], with_clip, adapter_file, row.strength_model,
                     row.strength_clip if with_clip is not None else 0.0, row.mode,
-                    block_weight=None if blocks is None else blocks.weight_for_key)
+                    block_weight=None if blocks is None else blocks.weight_for_key, schedule=schedule)
             except (AdapterFormatError, BlockWeightError) as error:
                 raise ValueError(f"Load LyCORIS Stack, {where}: {error}") from None
             _attach_metadata(new_model, new_clip, adapter_file.metadata)
@@ -257,7 +261,7 @@ def _overlaps(touched: list[tuple[str, set]]) -> list[str]:
     return out or (["overlap: none (no two rows change the same layer)"] if len(touched) > 1 else [])
 
 
-def run(model, rows, clip=None, model_low=None, lora_stack=None, **row_values):
+def run(model, rows, clip=None, model_low=None, lora_stack=None, schedule=None, **row_values):
     """The node's work, whichever node API called: `rows` is the row count (V1) or the V3 nested dict."""
     if isinstance(rows, dict):
         row_values = dict(rows, **row_values)
@@ -265,7 +269,7 @@ def run(model, rows, clip=None, model_low=None, lora_stack=None, **row_values):
     else:
         count = rows
     own = rows_from_inputs(count, row_values)
-    result = apply_stack(model, clip, model_low, rows_from_lora_stack(lora_stack) + own)
+    result = apply_stack(model, clip, model_low, rows_from_lora_stack(lora_stack) + own, schedule)
     model, clip, model_low, text, words, hashes, applied = result
     print(text)
     return (model, clip, text, words, hashes, list(applied), model_low), text
@@ -306,6 +310,7 @@ class LycorisStackV1:
             "clip": ("CLIP", {"tooltip": TIPS["clip"]}),
             "model_low": ("MODEL", {"tooltip": TIPS["model_low"]}),
             "lora_stack": ("LORA_STACK", {"tooltip": TIPS["lora_stack"]}),
+            "schedule": ("LYCORIS_SCHEDULE", {"tooltip": TIPS["schedule"]}),
         }
         for n in range(1, MAX_ROWS + 1):
             optional.update(_row_fields(n))
@@ -313,13 +318,14 @@ class LycorisStackV1:
                              "rows": (ROW_COUNTS, {"default": DEFAULT_ROWS, "tooltip": TIPS["rows"]})},
                 "optional": optional}
 
-    def load(self, model, rows, clip=None, model_low=None, lora_stack=None, **row_values):
-        outputs, text = run(model, rows, clip, model_low, lora_stack, **row_values)
+    def load(self, model, rows, clip=None, model_low=None, lora_stack=None, schedule=None, **row_values):
+        outputs, text = run(model, rows, clip, model_low, lora_stack, schedule, **row_values)
         return {"ui": {"text": [text]}, "result": outputs}
 
 
 if io is not None:
     LoraStackType = io.Custom("LORA_STACK")
+    ScheduleType = io.Custom("LYCORIS_SCHEDULE")
 
     def _row_inputs(count: int) -> list:
         """Row groups 1..count. All optional: the front-end lists required inputs before optional
@@ -356,6 +362,7 @@ if io is not None:
                     io.Clip.Input("clip", optional=True, tooltip=TIPS["clip"]),
                     io.Model.Input("model_low", optional=True, tooltip=TIPS["model_low"]),
                     LoraStackType.Input("lora_stack", optional=True, tooltip=TIPS["lora_stack"]),
+                    ScheduleType.Input("schedule", optional=True, tooltip=TIPS["schedule"]),
                     io.DynamicCombo.Input("rows", tooltip=TIPS["rows"], options=[
                         # the front-end starts a new node at the first option: one row; "0" (only
                         # lora_stack) comes last
@@ -373,8 +380,8 @@ if io is not None:
             )
 
         @classmethod
-        def execute(cls, model, rows, clip=None, model_low=None, lora_stack=None) -> "io.NodeOutput":
-            outputs, text = run(model, rows, clip, model_low, lora_stack)
+        def execute(cls, model, rows, clip=None, model_low=None, lora_stack=None, schedule=None) -> "io.NodeOutput":
+            outputs, text = run(model, rows, clip, model_low, lora_stack, schedule)
             return io.NodeOutput(*outputs, ui={"text": [text]})
 
     LycorisStack = LycorisStackV3

@@ -37,17 +37,18 @@ def _files(tmp_path, root, prefix="lora_unet_", target=("Linear", "Conv2d"), see
                      **kwargs)
 
 
-def stack(pack, model, rows, clip=None, model_low=None, lora_stack=None):
+def stack(pack, model, rows, clip=None, model_low=None, lora_stack=None, schedule=None):
     """Run the registered LycorisStack node with `rows` given as API JSON gives them: flat
     `rows.<field>_<n>` values, nested the way ComfyUI 0.28's dynamic combo hands them over."""
     node = pack.NODE_CLASS_MAPPINGS["LycorisStack"]
     flat = {f"rows.{field}_{n}": value for n, row in enumerate(rows, 1) for field, value in row.items()}
     if hasattr(node, "define_schema"):  # V3 node (ComfyUI 0.28)
         nested = {"rows": str(len(rows)), **{k[len("rows."):]: v for k, v in flat.items()}}
-        out = node.execute(model=model, rows=nested, clip=clip, model_low=model_low, lora_stack=lora_stack)
+        out = node.execute(model=model, rows=nested, clip=clip, model_low=model_low, lora_stack=lora_stack,
+                           schedule=schedule)
         return out.args
     return node().load(model, str(len(rows)), clip=clip, model_low=model_low, lora_stack=lora_stack,
-                       **flat)["result"]
+                       schedule=schedule, **flat)["result"]
 
 
 def chain(pack, model, rows, clip=None):
@@ -315,3 +316,33 @@ def test_lora_metadata_attached_as_the_chain_leaves_it(pack, tmp_path):
     assert ours.get_attachment("lora_metadata") == theirs.get_attachment("lora_metadata") == \
         {"reference_downscale_factor": "second"}
     assert model.get_attachment("lora_metadata") is None
+
+
+def test_a_scheduled_stack_equals_the_same_files_chained_with_that_schedule(pack, tmp_path):
+    """The stack's `schedule` input: every row's model side follows it, as chained loaders each given
+    that schedule do, step by step through ComfyUI's sampler with CFG (negative pass at 0.5)."""
+    import comfy.sample
+
+    _folder(tmp_path, pack)
+    model = tiny_sd15()
+    _files(tmp_path, model.model.diffusion_model)
+    schedule = pack.NODE_CLASS_MAPPINGS["LycorisSchedule"]().build("always", "0:1, 0.5:0.3", "hold", 0.5)[0]
+    rows = _rows("merge")
+    stacked = stack(pack, model, rows, schedule=schedule)
+    assert "schedule: 0:1, 0.5:0.3" in stacked[2], stacked[2]
+    node = pack.NODE_CLASS_MAPPINGS["LycorisLoaderModelOnly"]()
+    chained = model
+    for row in rows:
+        chained = node.load(chained, row["lora_name"], row["strength_model"], "merge", schedule=schedule)["result"][0]
+
+    def sample(m):
+        g = torch.Generator().manual_seed(4)
+        latent = torch.zeros(1, 4, 8, 8)
+        conds = [[[torch.randn(1, 3, 64, generator=g), {}]] for _ in range(2)]
+        return comfy.sample.sample(m, torch.randn(latent.shape, generator=g), 4, 2.5, "euler", "normal",
+                                   conds[0], conds[1], latent, disable_pbar=True, seed=4)
+
+    y, y_ref, y_base = sample(stacked[0]), sample(chained), sample(model)
+    assert float((y_ref - y_base).norm()) > 0
+    assert _effect_error(y, y_ref, y_base) <= 1e-5
+
