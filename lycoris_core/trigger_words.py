@@ -115,27 +115,23 @@ def sidecar_trigger_words(path: str, roots: list[str]) -> tuple[list[str], float
     weight = None
     sources = []
 
+    def take(found: list[str], suffix: str) -> None:
+        if found:
+            words.extend(found)
+            sources.append(os.path.basename(stem) + suffix)
+
     webui = _read_json(stem + ".json", roots)
     if isinstance(webui, dict):
-        found = split_words(webui.get("activation text"))
-        if found:
-            words += found
-            sources.append(os.path.basename(stem) + ".json")
+        take(split_words(webui.get("activation text")), ".json")
         preferred = _weight(webui.get("preferred weight"))
         weight = preferred if preferred else None
     helper = _read_json(stem + ".civitai.info", roots)
     if isinstance(helper, dict):
-        found = split_words(helper.get("trainedWords"))
-        if found:
-            words += found
-            sources.append(os.path.basename(stem) + ".civitai.info")
+        take(split_words(helper.get("trainedWords")), ".civitai.info")
     manager = _read_json(stem + ".metadata.json", roots)
     if isinstance(manager, dict):
         civitai = manager.get("civitai")
-        found = split_words(civitai.get("trainedWords")) if isinstance(civitai, dict) else []
-        if found:
-            words += found
-            sources.append(os.path.basename(stem) + ".metadata.json")
+        take(split_words(civitai.get("trainedWords")) if isinstance(civitai, dict) else [], ".metadata.json")
         tips = manager.get("usage_tips")
         if isinstance(tips, str):
             try:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..lycoris_core.algos.base import COMPUTE_DTYPE, chain_inputs, patching_cheaper, plan_bypass, tensor_version
 from .bypass_staging import Staged, scaled
 from .call_state import NEGATIVE, ScheduledStrength
-from .layers import computes_on_cast_weight, geometry, is_quantized_tensor
+from .layers import computes_on_cast_weight, geometry, is_quantized_tensor, layer_list
 
 try:
     from comfy.ops import cast_bias_weight
@@ -440,11 +440,10 @@ class BypassPlan:
         self.ran = None
         if missing:
             self.not_run = missing
-            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
             logging.warning("LyCORIS bypass: %d of %d layers with adapters did not run their forward in the first "
                             "%d model calls, so their adapters had no effect there (a ComfyUI that computes them "
                             "with a fused kernel, or a branch of the model these inputs skip); use mode merge for "
-                            "them: %s", len(missing), len(self.layers), PROBE_CALLS, shown)
+                            "them: %s", len(missing), len(self.layers), PROBE_CALLS, layer_list(missing))
 
     def inject(self, patcher) -> None:
         for path in self.layers:

@@ -81,10 +81,14 @@ class Staged:
     def __init__(self, plan, device):
         self.device = device
         self.layers, self.groups = {}, {}
+        self.timestep = torch.full((), math.nan, dtype=torch.float64, device=device)
         for path, entries in plan.layers.items():
             slots = plan.slots[path]
             moved = tuple((adapter.moved(device), strength, offset, slot)
                           for (adapter, strength, offset), slot in zip(entries, slots))
+            for adapter, _, _, _ in moved:
+                if adapter.algo == "tlora":
+                    adapter.clock = self.timestep
             self.layers[path] = moved
             geometry = plan.geometries.get(path)
             if geometry is None:
@@ -93,11 +97,6 @@ class Staged:
                 members = [(a, slot) for a, _, _, slot in moved if _plain_lora(a, geometry)]
                 if members:
                     self.groups[path] = LowRankGroup(members, geometry, device)
-        self.timestep = torch.full((), math.nan, dtype=torch.float64, device=device)
-        for entries in self.layers.values():
-            for adapter, _, _, _ in entries:
-                if adapter.algo == "tlora":
-                    adapter.clock = self.timestep
         self.host = None  # the table's values as numbers: (slots,) or ((slots,) per chunk)
         self.table = None
         self.write(plan.values_at(None, None, None))

@@ -139,3 +139,8 @@ def forward_skipped(module, stored: str | None) -> bool:
     fp16_accumulation = getattr(getattr(torch.backends.cuda, "matmul", None), "allow_fp16_accumulation", False)
     return stored == "int8_tensorwise" or bool(fp16_accumulation)
 
+
+def layer_list(paths, limit: int = 5) -> str:
+    """The first `limit` layer names of a report or log line, then "..." when there are more."""
+    return ", ".join(paths[:limit]) + (", ..." if len(paths) > limit else "")
+

@@ -22,8 +22,8 @@ from .bypass import add_bypass
 from .cast_patches import add_cast_patches, casts_in_forward
 from .call_state import ScheduledStrength, check_schedule_runtime, publish_calls
 from .key_map import build_key_map, is_text_encoder_module, resolve, target_key
-from .layers import (forward_skipped, geometry, is_weight_layer, logical_weight_shape, module_of, precision,
-                     stored_format)
+from .layers import (forward_skipped, geometry, is_weight_layer, layer_list, logical_weight_shape, module_of,
+                     precision, stored_format)
 from .patches import LAZY, diff_patch, embed_slice, lazy_patch
 
 
@@ -96,12 +96,12 @@ class LoadReport:
         rounded into quantized weights."""
         out = []
         if self.not_bypassed:
-            shown = ", ".join(self.not_bypassed[:5]) + (", ..." if len(self.not_bypassed) > 5 else "")
+            shown = layer_list(self.not_bypassed)
             out.append(f"warning: {len(self.not_bypassed)} layers cannot be bypassed (not a Linear/Conv "
                        f"layer, a norm adapter, or rows ComfyUI reorders) and were merged instead"
                        + (" at full strength, unscheduled" if self.schedule else "") + f": {shown}")
         if self.forward_skipped:
-            shown = ", ".join(self.forward_skipped[:5]) + (", ..." if len(self.forward_skipped) > 5 else "")
+            shown = layer_list(self.forward_skipped)
             out.append(f"warning: {len(self.forward_skipped)} layers are computed by this ComfyUI without their "
                        "forward (fused int8 / fp16-accumulation kernels), where a bypass would do nothing; they were "
                        "merged instead" + (" at full strength, unscheduled" if self.schedule else "") + f": {shown}")

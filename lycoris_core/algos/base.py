@@ -192,9 +192,15 @@ class Adapter:
 
     @property
     def scale(self) -> float:
-        """gamma: alpha / rank, 1 without alpha (LyCORIS never stores alpha 0)."""
+        """gamma: `scale_override` where one is set (PEFT's config, a copy's frozen value), else the
+        file's own (`file_scale`). Families change `file_scale`, never this property, so every copy
+        reads its frozen number the same way (torch.compile cannot trace `super().scale`)."""
         if self.scale_override is not None:
             return self.scale_override
+        return self.file_scale()
+
+    def file_scale(self) -> float:
+        """gamma from the file: alpha / rank, 1 without alpha (LyCORIS never stores alpha 0)."""
         rank, alpha = self.rank, self.alpha
         base = 1.0 if alpha is None or not rank else alpha / rank
         scalar = self.host("scalar")

@@ -245,8 +245,7 @@ class PeftBOFT(Adapter):
         """The block size (PEFT's `boft_block_size`)."""
         return int(self.tensors["boft_R"].shape[-1])
 
-    @property
-    def scale(self):
+    def file_scale(self):
         return 1.0
 
     def check_weight(self, weight_shape):

@@ -32,8 +32,7 @@ class Full(Adapter):
         if self.bias_key not in self.tensors:
             self.require(self.weight_key)
 
-    @property
-    def scale(self):
+    def file_scale(self):
         return 1.0
 
     def expected_shape(self):

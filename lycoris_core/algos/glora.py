@@ -61,11 +61,10 @@ class GLoRA(Adapter):
         key = "a2.weight" if self.new_layout else "a1.weight"
         return int(self.tensors[key].shape[0])
 
-    @property
-    def scale(self):
-        if self.scale_override is None and self.context.bool_arg("rs_lora") and self.alpha is not None:
+    def file_scale(self):
+        if self.context.bool_arg("rs_lora") and self.alpha is not None:
             return self.alpha / math.sqrt(self.rank)
-        return Adapter.scale.fget(self)  # not super().scale: torch.compile cannot trace it
+        return super().file_scale()
 
     def expected_shape(self):
         a_down, _, b_down, b_up = (self.tensors[k] for k in (("a2.weight", "a1.weight", "b2.weight", "b1.weight")

@@ -61,10 +61,9 @@ class LoKr(Adapter):
                 return int(self.tensors[key].shape[0])
         return None
 
-    @property
-    def scale(self):
-        if self.scale_override is not None or self.decomposed:
-            return Adapter.scale.fget(self)  # not super().scale: torch.compile cannot trace it
+    def file_scale(self):
+        if self.decomposed:
+            return super().file_scale()
         # Both factors full: LyCORIS forced alpha = lora_dim while training.
         alpha = self.alpha
         dim = None

@@ -67,8 +67,7 @@ class DiagOFT(Adapter):
         the block count for layers with fewer than lora_dim^2 outputs."""
         return int(self.tensors[self.blocks_key].shape[-1])
 
-    @property
-    def scale(self):
+    def file_scale(self):
         return 1.0
 
     @property
@@ -197,8 +196,7 @@ class PeftOFT(Adapter):
         """The block size (PEFT's `oft_block_size`; its `r` is the block count)."""
         return self.block_size
 
-    @property
-    def scale(self):
+    def file_scale(self):
         return 1.0
 
     def shared(self, columns: int) -> bool:
